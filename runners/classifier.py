@@ -7,13 +7,14 @@ models) unless the request asks for raw scores.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from infinity_emb.args import EngineArgs
-from infinity_emb.transformer.abstract import BaseClassifer
+if TYPE_CHECKING:
+    from infinity_emb.args import EngineArgs
 
 
-class LogitClassifier(BaseClassifer):
+
+class LogitClassifier:
     capabilities = {"classify"}
 
     def __init__(self, *, engine_args: EngineArgs) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from infinity_emb.args import EngineArgs
-from infinity_emb.transformer.abstract import BaseCrossEncoder
+if TYPE_CHECKING:
+    from infinity_emb.args import EngineArgs
+
 
 DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 RERANK_PREFIX = (
@@ -52,7 +53,7 @@ def _torch_dtype(name: str | None, device: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-class Qwen3Reranker(BaseCrossEncoder):
+class Qwen3Reranker:
     """Qwen3-Reranker as an Infinity cross-encoder: exact prompt, left padding, yes−no head in fp32.
 
     Infinity hands `encode_pre` (query, document) pairs; the service passes the query already

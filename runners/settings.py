@@ -65,6 +65,8 @@ class Settings:
     device: str = "auto"
     queue_size: int = 48000
     runpod_max_concurrency: int = 300
+    max_concurrency: int = 512
+    port: int = 3000
     max_items: int = 2048
     max_chars: int = 100_000
     max_body_bytes: int = 16 * 1024 * 1024
@@ -221,6 +223,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         device=_choice("DEVICE", env.get("DEVICE", "auto") or "auto", DEVICES),
         queue_size=_int(env, "INFINITY_QUEUE_SIZE", 48000),
         runpod_max_concurrency=_int(env, "RUNPOD_MAX_CONCURRENCY", 300),
+        max_concurrency=_int(env, "MAX_CONCURRENCY", 512),
+        port=_int(env, "PORT", 3000),
         max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),

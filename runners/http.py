@@ -1,0 +1,175 @@
+"""ASGI pieces of the HTTP front door: auth, body size, and the OpenAI error envelope on every
+error BentoML answers by itself (schema validation, traffic limits, unknown paths)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runners.errors import (
+    BadRequest,
+    InternalError,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    SchemaError,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    from_validation_errors,
+)
+
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+
+
+class JSONBody(JSONResponse):
+    """JSON without the spaces of `json.dumps`' defaults: vectors are most of every response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _envelope_for(status: int, body: bytes) -> ServiceError:
+    """BentoML's own error body → our error type with a message that says what to do."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError:
+        data = None
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        data = data[0]
+    detail = data.get("error") if isinstance(data, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("detail"), list):
+        return from_validation_errors(data["detail"])
+    text = detail if isinstance(detail, str) else (body.decode("utf-8", "replace")[:300] if body else "")
+    if status == 400:
+        if "validation error" in text.lower() or "json" in text.lower():
+            return SchemaError(f"the request body is not valid: {text}")
+        return BadRequest(text or "bad request")
+    if status == 404:
+        return ModelNotFound(f"no such route: {text or 'not found'}", code="not_found")
+    if status == 413:
+        return PayloadTooLarge(text or "request body too large")
+    if status == 429:
+        return Overloaded("the server is at its concurrency limit: retry after a short wait", headers={"Retry-After": "1"})
+    if status == 503:
+        return Unavailable(text or "the service is not ready: retry when GET /readyz answers 200")
+    if status == 504:
+        return Timeout(text or "the request timed out")
+    if status in (401, 403):
+        return Unauthorized(text or "unauthorized")
+    err = InternalError(text or "the server failed on this request; the log has the traceback")
+    err.status = status
+    return err
+
+
+class EnvelopeMiddleware:
+    """Rewrites non-envelope error bodies, and refuses bodies over MAX_BODY_BYTES with a 413."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS or scope["path"] == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await _send_error(send, PayloadTooLarge(
+                f"the body has {int(length)} bytes; the limit is MAX_BODY_BYTES={self.max_body_bytes}: split the request",
+                code="body_too_large",
+            ))
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def wrapped_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                if message["status"] < 400:
+                    await send(message)
+                    return
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                await send(start)
+                await send({"type": "http.response.body", "body": body})
+                return
+            await _send_error(send, _envelope_for(start["status"], body))
+
+        try:
+            await self.app(scope, limited_receive, wrapped_send)
+        except _BodyTooLarge:
+            await _send_error(send, PayloadTooLarge(
+                f"the body is over MAX_BODY_BYTES={self.max_body_bytes} bytes: split the request", code="body_too_large"
+            ))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_error(send: Send, err: ServiceError) -> None:
+    body = json.dumps(err.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """`API_KEY` set: a Bearer token from it is needed on every route but health (and metrics)."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], metrics_public: bool) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.open_paths = HEALTH_PATHS + (("/metrics",) if metrics_public else ())
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        token = token.strip()
+        # Compare against every key, always, so timing says nothing about which one nearly matched.
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return any(matches)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.keys or scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            await _send_error(send, Unauthorized(
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with a key from API_KEY"
+            ))
+            return
+        await self.app(scope, receive, send)

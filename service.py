@@ -1,0 +1,143 @@
+"""The BentoML service: resources, traffic and typed routes, translated into the service methods.
+
+Native routes (`/embed`, `/rerank`, `/classify`) are BentoML APIs; the OpenAI, Jina/Cohere v1 and
+Cohere v2 routes are FastAPI apps mounted at `/v1` and `/v2`. Every route turns its body into the
+one internal query of its capability and calls `InferenceService`, as the RunPod adapter does.
+Heavy imports (torch, infinity) happen in the worker's startup hook, not here: the serving
+process imports this module too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from runners.errors import InternalError, ServiceError, from_validation_errors
+from runners.http import AuthMiddleware, EnvelopeMiddleware, JSONBody
+from runners.inference import InferenceService
+from runners.schemas import (
+    ClassifyRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    V1RerankRequest,
+    V2RerankRequest,
+    to_classify_query,
+    to_embed_query,
+    to_rerank_query,
+)
+from runners.settings import SettingsError, apply_offline_defaults, load_settings
+
+log = logging.getLogger("embed_rerank.service")
+
+try:
+    SETTINGS = load_settings()
+except SettingsError as exc:
+    raise SystemExit(f"configuration error: {exc}") from None
+apply_offline_defaults(SETTINGS)
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
+
+
+async def answer(call: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+    """Run a service method; any failure becomes its status and OpenAI envelope."""
+    try:
+        return JSONBody(await call())
+    except ServiceError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("request failed")
+        return error_response(InternalError("the server failed on this request; the log has the traceback"))
+
+
+def _install_error_handlers(app: FastAPI) -> FastAPI:
+    @app.exception_handler(RequestValidationError)
+    async def _schema(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        from runners.errors import BadRequest, ModelNotFound
+
+        err = ModelNotFound(f"no route here: {exc.detail}", code="not_found") if exc.status_code == 404 else BadRequest(
+            str(exc.detail)
+        )
+        err.status = exc.status_code
+        return error_response(err)
+
+    return app
+
+
+openai_app = _install_error_handlers(FastAPI(title="OpenAI, Jina and Cohere v1 compatible routes"))
+cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible routes"))
+
+
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.asgi_app(cohere_v2_app, path="/v2")
+@bentoml.service(
+    name="embed-rerank",
+    resources={"gpu": 1, "memory": "8Gi"},
+    traffic={"timeout": int(SETTINGS.request_timeout_s) + 5, "max_concurrency": SETTINGS.max_concurrency},
+    workers=1,
+)
+class EmbeddingService:
+    def __init__(self) -> None:
+        self.inference = InferenceService(SETTINGS)
+
+    @bentoml.on_startup
+    async def start_engines(self) -> None:
+        await self.inference.start()
+
+    @bentoml.on_shutdown
+    async def stop_engines(self) -> None:
+        await self.inference.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.inference.ready
+
+    # ---- native routes ----
+
+    @bentoml.api(route="/embed", input_spec=EmbeddingRequest)
+    async def embed(self, **params: Any) -> dict:
+        query = to_embed_query(EmbeddingRequest.model_construct(**params))
+        return await answer(lambda: self.inference.embed(query))
+
+    @bentoml.api(route="/rerank", input_spec=RerankRequest)
+    async def rerank(self, **params: Any) -> dict:
+        query = to_rerank_query(RerankRequest.model_construct(**params))
+        return await answer(lambda: self.inference.rerank(query, "native"))
+
+    @bentoml.api(route="/classify", input_spec=ClassifyRequest)
+    async def classify(self, **params: Any) -> dict:
+        query = to_classify_query(ClassifyRequest.model_construct(**params))
+        return await answer(lambda: self.inference.classify(query))
+
+    # ---- OpenAI / Jina / Cohere routes ----
+
+    @openai_app.get("/models")
+    async def openai_models(self) -> Response:
+        return JSONBody(self.inference.models())
+
+    @openai_app.post("/embeddings")
+    async def openai_embeddings(self, body: EmbeddingRequest) -> Response:
+        return await answer(lambda: self.inference.embed(to_embed_query(body)))
+
+    @openai_app.post("/rerank")
+    async def v1_rerank(self, body: V1RerankRequest) -> Response:
+        return await answer(lambda: self.inference.rerank(to_rerank_query(body), "v1"))
+
+    @cohere_v2_app.post("/rerank")
+    async def v2_rerank(self, body: V2RerankRequest) -> Response:
+        return await answer(lambda: self.inference.rerank(to_rerank_query(body), "v2"))
+
+
+EmbeddingService.add_asgi_middleware(EnvelopeMiddleware, max_body_bytes=SETTINGS.max_body_bytes)
+EmbeddingService.add_asgi_middleware(AuthMiddleware, api_keys=SETTINGS.api_keys, metrics_public=SETTINGS.metrics_public)
