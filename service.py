@@ -67,9 +67,12 @@ def _install_error_handlers(app: FastAPI) -> FastAPI:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         from runners.errors import BadRequest, ModelNotFound
 
-        err = ModelNotFound(f"no route here: {exc.detail}", code="not_found") if exc.status_code == 404 else BadRequest(
-            str(exc.detail)
-        )
+        if exc.status_code == 404:
+            err: ServiceError = ModelNotFound(f"no such route: {exc.detail}", code="not_found")
+        elif "parsing the body" in str(exc.detail):
+            err = BadRequest("the request body is not valid JSON: send one UTF-8 encoded JSON object", code="invalid_json")
+        else:
+            err = BadRequest(str(exc.detail))
         err.status = exc.status_code
         return error_response(err)
 

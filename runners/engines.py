@@ -294,9 +294,11 @@ class EngineRegistry:
                 raise Unavailable(f"model {model!r} is not loaded yet: retry when GET /readyz answers 200")
             served = ", ".join(m.name for m in self.models)
             raise ModelNotFound(f"model {model!r} is not served here; served models: {served}", param="model")
-        for loaded in self.models:
-            if capability in loaded.capabilities:
-                return loaded
+        capable = [m for m in self.models if capability in m.capabilities]
+        # A real reranker beats the cosine fallback of an embedding model listed before it.
+        capable.sort(key=lambda m: m.rerank_via == "embedding-cosine" if capability == RERANK else False)
+        if capable:
+            return capable[0]
         if not self.ready:
             raise Unavailable("the models are still loading: retry when GET /readyz answers 200")
         raise BadRequest(

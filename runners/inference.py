@@ -77,8 +77,9 @@ class InferenceService:
 
     def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None) -> str:
         if instruction is not None:
-            query_prompt = model.prompts.get("query", "")
-            if query_prompt.startswith("Instruct:") or not query_prompt:
+            # Instruction models (Qwen3, gte-Qwen, e5-mistral) take the task inside their template;
+            # for any other model the instruction is the prefix itself.
+            if model.prompts.get("query", "").startswith("Instruct:"):
                 return embedding_instruction(instruction)
             return instruction
         if input_type == "query":
