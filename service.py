@@ -10,6 +10,8 @@ process imports this module too.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -95,9 +97,20 @@ class EmbeddingService:
     def __init__(self) -> None:
         self.inference = InferenceService(SETTINGS)
 
-    @bentoml.on_startup
     async def start_engines(self) -> None:
+        """Load, start and warm every model (the RunPod adapter calls this too)."""
         await self.inference.start()
+
+    @bentoml.on_startup
+    async def _startup(self) -> None:
+        try:
+            await self.start_engines()
+        except Exception as exc:
+            # BentoML restarts a worker whose startup failed, forever; a model that cannot load
+            # won't load next time either, so the server stops, non-zero, with the reason.
+            log.error("startup failed, stopping the server: %s", exc)
+            os.kill(os.getppid(), signal.SIGKILL)
+            raise
 
     @bentoml.on_shutdown
     async def stop_engines(self) -> None:

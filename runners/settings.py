@@ -182,6 +182,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         served = [env.get("SERVED_MODEL_NAMES", "").strip() or DEFAULT_MODEL_NAME]
         aliases = [(DEFAULT_MODEL_NAME, *DEFAULT_MODEL_ALIASES)]
 
+    for name in names:
+        looks_like_path = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
+        if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
+            raise SettingsError(
+                f"MODEL_NAMES entry {name!r} is not a model folder (no config.json there): "
+                "give a folder saved by transformers/sentence-transformers, or a hub id"
+            )
+    names = [str(Path(n).expanduser()) if n.startswith("~") else n for n in names]
     n = len(names)
     batch_sizes = _per_model(env, "BATCH_SIZES", n, "32")
     backends = _per_model(env, "BACKEND", n, "torch")
