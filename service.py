@@ -21,7 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from runners.errors import InternalError, ServiceError, from_validation_errors
+from runners import metrics
+from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, from_validation_errors
 from runners.http import AuthMiddleware, EnvelopeMiddleware, JSONBody
 from runners.inference import InferenceService
 from runners.schemas import (
@@ -46,6 +47,7 @@ apply_offline_defaults(SETTINGS)
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
+    metrics.record_error(exc.type, exc.status)
     return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
 
 
@@ -67,8 +69,6 @@ def _install_error_handlers(app: FastAPI) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        from runners.errors import BadRequest, ModelNotFound
-
         if exc.status_code == 404:
             err: ServiceError = ModelNotFound(f"no such route: {exc.detail}", code="not_found")
         elif "parsing the body" in str(exc.detail):
@@ -118,6 +118,9 @@ class EmbeddingService:
 
     def __is_ready__(self) -> bool:
         return self.inference.ready
+
+    def __metrics__(self, content: str) -> str:
+        return content + metrics.exposition()
 
     # ---- native routes ----
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runners import metrics
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
 from runners.settings import ModelSpec, Settings
 
@@ -308,7 +309,7 @@ class EngineRegistry:
     def queue_depth(self) -> int:
         return sum(m.in_flight for m in self.models)
 
-    async def run(self, model: LoadedModel, items: int, call: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, model: LoadedModel, capability: str, items: int, call: Callable[[], Awaitable[T]]) -> T:
         """Run one engine call for `items` inputs, refusing at once when the queue is full."""
         limit = self.settings.queue_size
         if model.in_flight + items > limit:
@@ -331,4 +332,6 @@ class EngineRegistry:
             raise
         finally:
             model.in_flight -= items
-            model.stats.inference_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            model.stats.inference_seconds += elapsed
+            metrics.INFERENCE_SECONDS.labels(model.name, capability).observe(elapsed)

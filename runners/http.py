@@ -10,6 +10,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from runners import metrics
 from runners.errors import (
     BadRequest,
     InternalError,
@@ -138,6 +139,7 @@ class _BodyTooLarge(Exception):
 
 
 async def _send_error(send: Send, err: ServiceError) -> None:
+    metrics.record_error(err.type, err.status)
     body = json.dumps(err.envelope()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]

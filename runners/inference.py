@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from runners import metrics
 from runners.engines import CLASSIFY, EMBED, RERANK, EngineRegistry, LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.qwen3 import embedding_instruction, rerank_body_start
@@ -27,6 +28,7 @@ class InferenceService:
     def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or EngineRegistry(settings)
+        metrics.watch_queues(lambda: [(m.name, m.in_flight) for m in self.registry.models])
 
     async def start(self) -> None:
         await self.registry.start(warmup=self._warmup)
@@ -37,6 +39,16 @@ class InferenceService:
     @property
     def ready(self) -> bool:
         return self.registry.ready
+
+    @staticmethod
+    def _account(model: LoadedModel, capability: str, items: int, tokens: int) -> None:
+        model.stats.requests += 1
+        model.stats.items += items
+        model.stats.tokens += tokens
+        metrics.REQUESTS.labels(model.name, capability).inc()
+        metrics.ITEMS.labels(model.name, capability).inc(items)
+        metrics.TOKENS.labels(model.name, capability).inc(tokens)
+        metrics.REQUEST_ITEMS.labels(model.name, capability).observe(items)
 
     # ---- limits ----
 
@@ -102,7 +114,7 @@ class InferenceService:
         return await asyncio.to_thread(model.decode, ids)
 
     async def embed_vectors(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, int]:
-        embeddings, usage = await self.registry.run(model, len(texts), lambda: model.engine.embed(texts))
+        embeddings, usage = await self.registry.run(model, EMBED, len(texts), lambda: model.engine.embed(texts))
         return np.asarray(embeddings, dtype=np.float32), int(usage)
 
     async def embed(self, q: EmbedQuery) -> dict[str, Any]:
@@ -130,9 +142,7 @@ class InferenceService:
         if q.normalize or q.dimensions is not None:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
-        model.stats.requests += 1
-        model.stats.items += len(texts)
-        model.stats.tokens += usage
+        self._account(model, EMBED, len(texts), usage)
         if q.encoding_format == "base64":
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
         else:
@@ -164,7 +174,7 @@ class InferenceService:
             return (vectors[1:] @ vectors[0]).tolist(), usage
         query = rerank_body_start(q.query, q.instruction) if model.rerank_via == "qwen3-yes-no" else q.query
         results, usage = await self.registry.run(
-            model, len(docs), lambda: model.engine.rerank(query=query, docs=docs, raw_scores=q.raw_scores)
+            model, RERANK, len(docs), lambda: model.engine.rerank(query=query, docs=docs, raw_scores=q.raw_scores)
         )
         scores = [0.0] * len(docs)
         for r in results:
@@ -181,9 +191,7 @@ class InferenceService:
         if q.max_tokens_per_doc is not None:
             docs = await self._cut_documents(model, docs, q.max_tokens_per_doc)
         scores, usage = await self._scores(model, q, docs)
-        model.stats.requests += 1
-        model.stats.items += len(docs)
-        model.stats.tokens += usage
+        self._account(model, RERANK, len(docs), usage)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         if q.top_n is not None:
             order = order[: q.top_n]
@@ -224,7 +232,7 @@ class InferenceService:
         model = self.registry.resolve(q.model, CLASSIFY)
         self._check_texts(q.texts, "input")
         logits, usage = await self.registry.run(
-            model, len(q.texts), lambda: model.engine.classify(sentences=q.texts, raw_scores=True)
+            model, CLASSIFY, len(q.texts), lambda: model.engine.classify(sentences=q.texts, raw_scores=True)
         )
         rows = np.asarray(logits, dtype=np.float64)
         if not q.raw_scores:
@@ -233,9 +241,7 @@ class InferenceService:
             else:
                 rows = np.exp(rows - rows.max(axis=1, keepdims=True))
                 rows /= rows.sum(axis=1, keepdims=True)
-        model.stats.requests += 1
-        model.stats.items += len(q.texts)
-        model.stats.tokens += int(usage)
+        self._account(model, CLASSIFY, len(q.texts), int(usage))
         data = [
             sorted(({"label": label, "score": float(s)} for label, s in zip(model.labels, row)),
                    key=lambda x: -x["score"])

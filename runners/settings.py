@@ -31,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker")
 ONNX_QUANTIZATIONS = ("auto", "fp32", "int8")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+STORE_PREFIX = "bento:"
 DEFAULT_MODEL_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
 
 
@@ -182,6 +183,18 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         served = [env.get("SERVED_MODEL_NAMES", "").strip() or DEFAULT_MODEL_NAME]
         aliases = [(DEFAULT_MODEL_NAME, *DEFAULT_MODEL_ALIASES)]
 
+    if raw_names and any(n.startswith(STORE_PREFIX) for n in names):
+        from runners.model_store import resolve
+
+        for i, name in enumerate(names):
+            if name.startswith(STORE_PREFIX):
+                try:
+                    path, label = resolve(name)
+                except LookupError as exc:
+                    raise SettingsError(str(exc)) from None
+                names[i], aliases[i] = path, (name,)
+                if not env.get("SERVED_MODEL_NAMES"):
+                    served[i] = label
     for name in names:
         looks_like_path = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
         if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():

@@ -200,3 +200,14 @@ def test_health_and_metrics(default_server):
     assert httpx.get(default_server.url + "/readyz").status_code == 200
     metrics = httpx.get(default_server.url + "/metrics")
     assert metrics.status_code == 200 and "bentoml" in metrics.text
+
+
+def test_prometheus_metrics_of_the_service(default_server):
+    httpx.post(default_server.url + "/embed", json={"input": ["one", "two", "three"]})
+    httpx.post(default_server.url + "/embed", json={"input": "x", "model": "nope"})
+    text = httpx.get(default_server.url + "/metrics").text
+    assert 'embed_rerank_items_total{capability="embed",model="all-MiniLM-L6-v2"}' in text
+    assert 'embed_rerank_tokens_total{capability="embed",model="all-MiniLM-L6-v2"}' in text
+    assert 'embed_rerank_errors_total{status="404",type="invalid_request_error"}' in text
+    assert 'embed_rerank_queue_depth{model="all-MiniLM-L6-v2"} 0.0' in text
+    assert "embed_rerank_inference_seconds_bucket" in text and "embed_rerank_request_items_bucket" in text

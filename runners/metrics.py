@@ -1,0 +1,63 @@
+"""Prometheus metrics of the service, beyond BentoML's own request metrics.
+
+A private registry, appended to BentoML's `/metrics` text by the service's `__metrics__` hook.
+`embed_rerank_queue_depth` (items accepted and not yet answered, per model) is the signal the
+Kubernetes HorizontalPodAutoscaler scales on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+LABELS = ("model", "capability")
+
+REQUESTS = Counter("embed_rerank_requests", "Requests answered, by model and capability", LABELS, registry=REGISTRY)
+ITEMS = Counter("embed_rerank_items", "Texts (or documents) processed", LABELS, registry=REGISTRY)
+TOKENS = Counter("embed_rerank_tokens", "Tokenizer tokens processed", LABELS, registry=REGISTRY)
+ERRORS = Counter("embed_rerank_errors", "Requests refused or failed, by error type and status",
+                 ("type", "status"), registry=REGISTRY)
+INFERENCE_SECONDS = Histogram(
+    "embed_rerank_inference_seconds", "Time in the engine per request (queue wait included)", LABELS,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=REGISTRY,
+)
+REQUEST_ITEMS = Histogram(
+    "embed_rerank_request_items", "Items per request (the batch a client sends)", LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=REGISTRY,
+)
+
+
+class QueueDepthCollector:
+    """Reads the queue depth per model at scrape time."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily("embed_rerank_queue_depth", "Items queued or running in the engine", labels=["model"])
+        for model, depth in self.read():
+            gauge.add_metric([model], depth)
+        yield gauge
+
+
+_queue_collector: QueueDepthCollector | None = None
+
+
+def watch_queues(read: Callable[[], Iterable[tuple[str, int]]]) -> None:
+    """Report the queues that `read` lists (one service per process; a new one replaces the old)."""
+    global _queue_collector
+    if _queue_collector is not None:
+        REGISTRY.unregister(_queue_collector)
+    _queue_collector = QueueDepthCollector(read)
+    REGISTRY.register(_queue_collector)
+
+
+def record_error(error_type: str, status: int) -> None:
+    ERRORS.labels(error_type, str(status)).inc()
+
+
+def exposition() -> str:
+    return generate_latest(REGISTRY).decode("utf-8")
