@@ -35,6 +35,26 @@ lint: install-test
 test: lint
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# Models baked into the Bento: hub ids (need the hub at build time) or local folders.
+EMBEDDING_MODEL ?= Qwen/Qwen3-Embedding-0.6B
+RERANKER_MODEL ?= Qwen/Qwen3-Reranker-0.6B
+
+bento: install
+	@$(BIN)/bentoml models get qwen3-embedding-0.6b:latest >/dev/null 2>&1 || \
+		$(BIN)/python -m runners.model_store import "$(EMBEDDING_MODEL)" --name qwen3-embedding-0.6b --served-name Qwen/Qwen3-Embedding-0.6B
+	@$(BIN)/bentoml models get qwen3-reranker-0.6b:latest >/dev/null 2>&1 || \
+		$(BIN)/python -m runners.model_store import "$(RERANKER_MODEL)" --name qwen3-reranker-0.6b --served-name Qwen/Qwen3-Reranker-0.6B
+	$(BIN)/bentoml build --output tag .
+
+image: bento
+	@if ! docker info >/dev/null 2>&1; then \
+		echo "make image: no Docker engine answers here ('docker info' failed). 'bentoml containerize' needs one:"; \
+		echo "  run 'make image' on a machine with Docker, or 'bentoml export embed-rerank:latest /abs/path/bento.tar'"; \
+		echo "  here and 'bentoml import' + 'bentoml containerize embed-rerank:latest' there."; \
+		exit 1; \
+	fi
+	$(BIN)/bentoml containerize embed-rerank:latest -t embed-rerank:latest
+
 runpod: install
 	$(BIN)/python -m runpod_adapter $(RUNPOD_ARGS)
 

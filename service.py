@@ -23,7 +23,14 @@ from starlette.responses import JSONResponse, Response
 
 from runners import metrics
 from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, from_validation_errors
-from runners.http import AuthMiddleware, EnvelopeMiddleware, JSONBody
+from runners.http import (
+    AuthMiddleware,
+    EnvelopeMiddleware,
+    JSONBody,
+    OpenAPIMiddleware,
+    RequestLogMiddleware,
+    configure_logging,
+)
 from runners.inference import InferenceService
 from runners.schemas import (
     ClassifyRequest,
@@ -44,6 +51,7 @@ try:
 except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
 apply_offline_defaults(SETTINGS)
+configure_logging(SETTINGS.log_format)
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
@@ -159,4 +167,6 @@ class EmbeddingService:
 
 
 EmbeddingService.add_asgi_middleware(EnvelopeMiddleware, max_body_bytes=SETTINGS.max_body_bytes)
+EmbeddingService.add_asgi_middleware(OpenAPIMiddleware)
+EmbeddingService.add_asgi_middleware(RequestLogMiddleware)
 EmbeddingService.add_asgi_middleware(AuthMiddleware, api_keys=SETTINGS.api_keys, metrics_public=SETTINGS.metrics_public)

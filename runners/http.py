@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import time
+import uuid
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -175,3 +178,136 @@ class AuthMiddleware:
             ))
             return
         await self.app(scope, receive, send)
+
+
+class RequestLogMiddleware:
+    """One log line per request with a request id (taken from `X-Request-ID` or made here and
+    returned in that header), method, path, status and duration; JSON when LOG_FORMAT=json."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS or scope["path"] == "/metrics":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = given if given.isprintable() and given else uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "%s %s %d", scope["method"], scope["path"], status,
+                extra={"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
+                       "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
+
+
+access_log = logging.getLogger("embed_rerank.access")
+_EXTRA_FIELDS = ("request_id", "method", "path", "status", "duration_ms")
+
+
+class JSONLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({k: getattr(record, k) for k in _EXTRA_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(log_format: str) -> None:
+    """The service's own loggers: JSON lines or plain text on stderr, INFO and up."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONLogFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("embed_rerank")
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+ERROR_ENVELOPE_SCHEMA = {
+    "title": "ErrorEnvelope",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+_ERROR_STATUSES = {"400": "Bad request", "401": "Missing or wrong API key", "404": "Unknown model or route",
+                   "413": "Over a size limit", "422": "Body does not match the schema",
+                   "429": "Queue full: retry later", "500": "Server error", "503": "Not ready", "504": "Timed out"}
+
+
+def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:
+    """BentoML documents its own error bodies; the service answers in the OpenAI envelope."""
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
+    ref = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    for path, item in doc.get("paths", {}).items():
+        if path in HEALTH_PATHS or path == "/metrics":
+            continue
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            for status, description in _ERROR_STATUSES.items():
+                operation["responses"][status] = {
+                    "description": description, "content": {"application/json": {"schema": ref}},
+                }
+    return doc
+
+
+class OpenAPIMiddleware:
+    """Serves BentoML's `/docs.json` with the error responses this service really sends."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/docs.json":
+            await self.app(scope, receive, send)
+            return
+        start: Message = {}
+        chunks: list[bytes] = []
+
+        async def capture(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            body = json.dumps(openapi_with_envelopes(json.loads(body))).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": start.get("status", 500), "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -76,6 +76,7 @@ class Settings:
     metrics_public: bool = True
     trust_remote_code: bool = True
     model_warmup: bool = True
+    log_format: str = "text"
     onnx_quantization: str = "auto"
     onnx_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embed-rerank" / "onnx")
     onnx_threads: int = 0
@@ -254,6 +255,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         metrics_public=_bool(env, "METRICS_PUBLIC", True),
         trust_remote_code=_bool(env, "TRUST_REMOTE_CODE", True),
         model_warmup=_bool(env, "MODEL_WARMUP", True),
+        log_format=_choice("LOG_FORMAT", env.get("LOG_FORMAT", "text") or "text", ("text", "json")),
         onnx_quantization=_choice("ONNX_QUANTIZATION", env.get("ONNX_QUANTIZATION", "auto") or "auto", ONNX_QUANTIZATIONS),
         onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
         onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
