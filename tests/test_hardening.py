@@ -105,8 +105,10 @@ def test_backpressure_refuses_fast_and_recovers(start_server):
     statuses = [s for s, _ in results]
     assert set(statuses) <= {200, 429}
     assert statuses.count(429) > 0 and statuses.count(200) > 0
-    refused = [t for s, t in results if s == 429]
-    assert sorted(refused)[len(refused) // 2] < 1.0, "a refusal must not wait for the queue"
+    refused = sorted(t for s, t in results if s == 429)
+    served = sorted(t for s, t in results if s == 200)
+    # Relative, not absolute: the machine is shared. A refusal must not wait for the queue.
+    assert refused[len(refused) // 2] < served[len(served) // 2], (refused, served)
     after = httpx.post(server.url + "/embed", json={"input": texts}, timeout=60)
     assert after.status_code == 200
     res = httpx.post(server.url + "/embed", json={"input": ["x"] * 17})
