@@ -28,7 +28,8 @@ class ServiceError(Exception):
 
     def job_error(self) -> dict[str, Any]:
         """The RunPod job output: FAILED, with the same type, status and message as HTTP."""
-        return {"error": f"{self.status} {self.type}: {self.message}", **self.envelope(), "status_code": self.status}
+        return {"error": f"{self.status} {self.type}: {self.message}", "status_code": self.status,
+                "type": self.type, "param": self.param, "code": self.code}
 
 
 class BadRequest(ServiceError):

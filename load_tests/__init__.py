@@ -1,0 +1,1 @@
+"""Load and keep-warm tools for the service and its RunPod endpoint."""

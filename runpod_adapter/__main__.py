@@ -1,0 +1,99 @@
+"""`python -m runpod_adapter`: the RunPod serverless worker.
+
+runpod's own command-line flags choose the mode:
+
+- on RunPod (`RUNPOD_WEBHOOK_GET_JOB` set): take jobs until the worker is stopped;
+- `--rp_serve_api --rp_api_port N [--rp_api_host H]`: serve the SDK's local API
+  (`POST /runsync`, `/run`, `/status/{id}`) for development and tests;
+- otherwise: run the job of `--test_input JSON`, or of `test_input.json` in the working
+  directory, and exit 0 when it succeeded, 1 when it failed.
+
+Start order: the network volume first (`volume.prepare_environment` rewrites `MODEL_NAMES`), then,
+when started as root with `RUN_AS_USER` set, the switch to that user, then `service` is imported
+(settings are read once; a bad value ends the process with one line), then runpod starts. Models
+load on the first job, inside the handler's event loop.
+
+Infinity's engine threads are not daemons, so a process that leaves runpod with engines running
+would never exit: whatever way runpod returns (test job done, API server stopped, SIGTERM), the
+process ends here with `os._exit` and the exit code runpod chose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger("embed_rerank.runpod")
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def drop_privileges(user: str) -> None:
+    """Serve as `user` once the volume is prepared (RunPod mounts the volume owned by root)."""
+    import pwd
+
+    if os.geteuid() != 0 or not user or user == "root":
+        return
+    try:
+        entry = pwd.getpwnam(user)
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except (KeyError, OSError) as exc:
+        log.warning("RUN_AS_USER=%s: cannot switch to that user (%s); serving as root", user, exc)
+        return
+    os.environ["HOME"] = entry.pw_dir
+    os.environ["USER"] = entry.pw_name
+    log.info("serving as user %s (uid %d)", entry.pw_name, entry.pw_uid)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+    from runpod_adapter import handler
+    from runpod_adapter.volume import prepare_environment
+
+    try:
+        openai_output = handler.openai_output_mode()
+    except handler.ConfigError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    plan = prepare_environment(os.environ)
+    if plan.writes_volume_later:
+        log.info("staying root: models download into %s on the network volume", plan.hf_home)
+    else:
+        drop_privileges(os.environ.get("RUN_AS_USER", "").strip())
+    handler.configure(aliases=plan.aliases, openai_output=openai_output)
+    handler.get_service()  # reads the settings: a bad value ends the process here, with one line
+
+    import runpod
+
+    code = 0
+    try:
+        runpod.serverless.start(
+            {
+                "handler": handler.handler,
+                "concurrency_modifier": handler.concurrency_modifier,
+                "return_aggregate_stream": False,
+            }
+        )
+    except SystemExit as exc:  # runpod's local test mode and its SIGINT handler end with sys.exit
+        code = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:
+        log.exception("the worker stopped on an error")
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
