@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -150,6 +151,16 @@ def _engine_args(spec: ModelSpec, settings: Settings) -> Any:
     )
 
 
+def onnx_quantization(settings: Settings) -> str:
+    """`auto`: int8 on a CPU (about 2x faster, cosine >= 0.99), fp32 on a GPU."""
+    if settings.onnx_quantization != "auto":
+        return settings.onnx_quantization
+    import torch
+
+    on_gpu = settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available())
+    return "fp32" if on_gpu else "int8"
+
+
 def _preloaded_engine(engine_args: Any, replica: Any) -> Any:
     """An Infinity engine around a model object built here (Infinity's own selection can't build it)."""
     from infinity_emb import AsyncEmbeddingEngine
@@ -205,7 +216,18 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
             multi_label=model_config.problem_type == "multi_label_classification",
             load_seconds=time.perf_counter() - started,
         )
-    engine = AsyncEmbeddingEngine.from_args(args)
+    if kind == EMBED and spec.backend == "optimum":
+        from runners.onnx import OnnxEmbedder
+
+        onnx_replica = OnnxEmbedder(
+            engine_args=args,
+            quantization=onnx_quantization(settings),
+            cache_dir=settings.onnx_cache_dir,
+            threads=settings.onnx_threads or os.cpu_count() or 1,
+        )
+        engine = _preloaded_engine(args, onnx_replica)
+    else:
+        engine = AsyncEmbeddingEngine.from_args(args)
     replica = engine._model_replicas[0]
     if kind == RERANK:
         tokenizer = getattr(replica, "tokenizer", None)

@@ -8,6 +8,7 @@ batches it like any cross-encoder and the 151k-wide LM head is never computed.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,7 @@ class Qwen3Reranker:
         self.suffix_ids = self.tokenizer(RERANK_SUFFIX, add_special_tokens=False)["input_ids"]
         self.max_length = RERANK_MAX_LENGTH
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._length_tokenizer = copy.deepcopy(self.tokenizer)  # tokenize_lengths runs on another thread
         self.engine_args = engine_args
 
     def prompt_ids(self, bodies: list[str]) -> list[list[int]]:
@@ -123,7 +125,7 @@ class Qwen3Reranker:
         return out_features.numpy()
 
     def tokenize_lengths(self, sentences: list[str]) -> list[int]:
-        encoded = self.tokenizer(sentences, add_special_tokens=False)["input_ids"]
+        encoded = self._length_tokenizer(sentences, add_special_tokens=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
 

@@ -1,0 +1,76 @@
+"""BACKEND=optimum: offline ONNX export of a local folder, cached; fp32 and int8 against torch."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from runners.inference import InferenceService
+from runners.schemas import EmbedQuery
+from runners.settings import load_settings
+
+CORPUS = [line.strip() for line in (Path(__file__).parents[1] / "load_tests/corpus.txt").read_text().splitlines()
+          if line.strip()][:120]
+QUERIES = ["Where is the Eiffel Tower?", "How do vaccines train the immune system?", "What do bees make?"]
+DOCS = ["The Eiffel Tower stands in Paris, on the Champ de Mars.", "Vaccines expose the immune system to a harmless "
+        "piece of a pathogen so it learns to recognise it.", "Honey bees collect nectar and turn it into honey.",
+        "The stock market fell sharply on Tuesday.", "Mount Everest is the highest mountain above sea level."]
+
+
+def embed_all(env: dict[str, str], texts: list[str]) -> np.ndarray:
+    async def run() -> np.ndarray:
+        service = InferenceService(load_settings(env))
+        await service.start()
+        try:
+            out = await asyncio.gather(*[service.embed(EmbedQuery(texts=texts[i:i + 16], token_ids=None))
+                                         for i in range(0, len(texts), 16)])
+        finally:
+            await service.stop()
+        return np.array([d["embedding"] for body in out for d in body["data"]])
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def torch_vectors() -> np.ndarray:
+    return embed_all({}, CORPUS + QUERIES + DOCS)
+
+
+def test_fp32_onnx_equals_torch_and_the_export_is_reused(cache, torch_vectors):
+    env = {"BACKEND": "optimum", "ONNX_QUANTIZATION": "fp32", "ONNX_CACHE_DIR": str(cache)}
+    vectors = embed_all(env, CORPUS + QUERIES + DOCS)
+    assert (vectors * torch_vectors).sum(1).min() >= 0.9999
+    (exported,) = list(cache.glob("*/model.onnx"))
+    stamp = exported.stat().st_mtime_ns
+    embed_all(env, ["second start"])
+    assert exported.stat().st_mtime_ns == stamp, "the second start must reuse the export"
+
+
+def test_int8_close_to_torch_and_keeps_the_top_result(cache, torch_vectors):
+    env = {"BACKEND": "optimum", "ONNX_QUANTIZATION": "int8", "ONNX_CACHE_DIR": str(cache)}
+    vectors = embed_all(env, CORPUS + QUERIES + DOCS)
+    cos = (vectors * torch_vectors).sum(1)
+    assert cos.mean() >= 0.99 and cos.min() >= 0.98
+    n = len(CORPUS)
+    q8, d8 = vectors[n:n + 3], vectors[n + 3:]
+    qt, dt = torch_vectors[n:n + 3], torch_vectors[n + 3:]
+    assert list((q8 @ d8.T).argmax(1)) == list((qt @ dt.T).argmax(1)) == [0, 1, 2]
+
+
+def test_optimum_backend_serves_over_http(start_server, cache):
+    server = start_server({"BACKEND": "optimum", "ONNX_CACHE_DIR": str(cache)})
+    res = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello world"]}).json()
+    assert len(res["data"][0]["embedding"]) == 384
+    (model,) = httpx.get(server.url + "/v1/models").json()["data"]
+    assert model["backend"] == "optimum"
+    assert os.path.exists(next(cache.glob("*/model_int8.onnx")))  # auto picks int8 on a CPU
