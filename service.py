@@ -97,7 +97,9 @@ cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible rout
 @bentoml.asgi_app(cohere_v2_app, path="/v2")
 @bentoml.service(
     name="embed-rerank",
-    resources={"gpu": 1, "memory": "8Gi"},
+    # One GPU by default; on a host without one the service still starts and runs on the CPU.
+    resources={"gpu": SETTINGS.gpu_count, "memory": SETTINGS.memory}
+    | ({"gpu_type": SETTINGS.gpu_type} if SETTINGS.gpu_type else {}),
     traffic={"timeout": int(SETTINGS.request_timeout_s) + 5, "max_concurrency": SETTINGS.max_concurrency},
     workers=1,
 )

@@ -67,7 +67,9 @@ class Settings:
     queue_size: int = 48000
     runpod_max_concurrency: int = 300
     max_concurrency: int = 512
-    port: int = 3000
+    gpu_count: int = 1
+    gpu_type: str = ""
+    memory: str = "8Gi"
     max_items: int = 2048
     max_chars: int = 100_000
     max_body_bytes: int = 16 * 1024 * 1024
@@ -246,7 +248,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         queue_size=_int(env, "INFINITY_QUEUE_SIZE", 48000),
         runpod_max_concurrency=_int(env, "RUNPOD_MAX_CONCURRENCY", 300),
         max_concurrency=_int(env, "MAX_CONCURRENCY", 512),
-        port=_int(env, "PORT", 3000),
+        gpu_count=_int(env, "GPU_COUNT", 1, minimum=0),
+        gpu_type=env.get("GPU_TYPE", "").strip(),
+        memory=env.get("SERVICE_MEMORY", "").strip() or "8Gi",
         max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),
