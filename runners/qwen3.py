@@ -9,8 +9,6 @@ batches it like any cross-encoder and the 151k-wide LM head is never computed.
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -128,10 +126,3 @@ class Qwen3Reranker:
         encoded = self._length_tokenizer(sentences, add_special_tokens=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
-
-def read_prompts(path: str) -> dict[str, str]:
-    """`prompts` of a local sentence-transformers folder (empty when it has none)."""
-    file = Path(path) / "config_sentence_transformers.json"
-    if not file.is_file():
-        return {}
-    return dict(json.loads(file.read_text()).get("prompts") or {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -92,7 +93,13 @@ def test_built_bento_serves_from_its_baked_models(built_bento, tmp_path):
         rr = httpx.post(url + "/rerank", json={"query": "q", "docs": ["a", "b"]}).json()
         assert rr["model"] == "Qwen/Qwen3-Reranker-0.6B" and len(rr["results"]) == 2
     finally:
-        os.killpg(proc.pid, 9)
+        # SIGTERM: BentoML's workers run in process groups of their own, so only the arbiter can
+        # stop them; a SIGKILL to it would leave them running.
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()
 
 
