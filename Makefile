@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install install-test serve test lint bento image load-test bench cold-start runpod clean
+.PHONY: install install-test install-bench serve test lint bento image load-test bench cold-start runpod clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install-bench: $(VENV)/.installed-bench
+
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PIP) install --quiet -e ".[test,bench]"
 	touch $@
 
 serve: install
@@ -54,6 +60,15 @@ image: bento
 		exit 1; \
 	fi
 	$(BIN)/bentoml containerize embed-rerank:latest -t embed-rerank:latest
+
+load-test: install-test
+	$(BIN)/python -m load_tests.run_load_test $(LOAD_TEST_ARGS)
+
+bench: install-bench
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+cold-start: install-test
+	$(BIN)/python -m load_tests.cold_start $(COLD_START_ARGS)
 
 runpod: install
 	$(BIN)/python -m runpod_adapter $(RUNPOD_ARGS)

@@ -102,6 +102,8 @@ cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible rout
     | ({"gpu_type": SETTINGS.gpu_type} if SETTINGS.gpu_type else {}),
     traffic={"timeout": int(SETTINGS.request_timeout_s) + 5, "max_concurrency": SETTINGS.max_concurrency},
     workers=1,
+    # runners.http.RequestLogMiddleware writes one access line per request, with its request id.
+    logging={"access": {"enabled": False}},
 )
 class EmbeddingService:
     def __init__(self) -> None:

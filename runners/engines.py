@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -176,8 +177,26 @@ def _preloaded_engine(engine_args: Any, replica: Any) -> Any:
     return PreloadedEngine()
 
 
+def import_infinity() -> None:
+    """Import infinity_emb without letting it take over the root logger.
+
+    On import it replaces the root handlers with a rich console handler at INFO; every access-log
+    line then went through rich, measured at 43 % of the request thread's time at 32 clients
+    (79 → 96 texts/s once restored). Its own loggers keep working through the restored handlers.
+    """
+    if "infinity_emb" in sys.modules:
+        return
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    import infinity_emb  # noqa: F401
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Build one engine (blocking: run it in a thread)."""
+    import_infinity()
     from infinity_emb import AsyncEmbeddingEngine
 
     started = time.perf_counter()

@@ -1,0 +1,191 @@
+"""Cold start: start the service as a fresh process N times; time to ready and to the first correct answer.
+
+    python -m load_tests.cold_start                 # 5 runs of `bentoml serve`, writes bench/cold_start.json
+    python -m load_tests.cold_start --runs 10 --runpod   # and the RunPod worker's local API server
+
+For each run, from the moment the process is spawned:
+- ready_s:        GET /readyz answers 200 (polled every 50 ms); for the RunPod worker, its API answers;
+- first_answer_s: the first embedding of a fixed sentence that is correct (cosine >= 0.999, --min-cosine, with the
+                  vector sentence-transformers computes for it here, before the runs), asked right after
+                  ready (the service warms its model before ready; the worker loads its engines lazily,
+                  on the first job, so its first answer includes the model load).
+The process is stopped (SIGTERM to its group) before the next run. The OS file cache is warm after the
+first run; the first run is reported too. With a log line from the service it also records how long
+the model load took inside the worker, so the rest is imports and BentoML's own start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from load_tests.run_load_test import ServerProcess  # noqa: E402
+
+SENTENCE = "A compass needle points north because it lines up with the Earth's magnetic field."
+MODEL_READY = re.compile(r"all \d+ model\(s\) ready in ([0-9.]+)s")
+
+
+def reference_vector() -> list[float]:
+    """The embedding of SENTENCE, computed here with sentence-transformers (normalized)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from runners.settings import load_settings
+
+    model = SentenceTransformer(load_settings().models[0].name_or_path, device="cpu")
+    return model.encode([SENTENCE], normalize_embeddings=True)[0].tolist()
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = sum(x * x for x in a) ** 0.5
+    nb = sum(y * y for y in b) ** 0.5
+    return dot / (na * nb) if na and nb else 0.0
+
+
+MIN_COSINE = 0.999
+
+
+def first_answer(
+    post: Any, reference: list[float], started: float, timeout: float, min_cosine: float = MIN_COSINE
+) -> tuple[float, float]:
+    """(seconds from `started` to the first correct vector, its cosine); retries until correct or timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            vector = post()
+            if vector is not None:
+                sim = cosine(vector, reference)
+                if sim >= min_cosine:
+                    return time.perf_counter() - started, sim
+                last = f"cosine {sim:.4f}"
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"no correct answer within {timeout:.0f}s (last: {last})")
+
+
+def run_service(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
+    server = ServerProcess.bentoml(logs / f"cold_start_service_{i}.log")
+    try:
+        ready = server.wait_ready(timeout)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+
+            def post() -> list[float] | None:
+                response = client.post("/v1/embeddings", json={"input": [SENTENCE]})
+                return response.json()["data"][0]["embedding"] if response.status_code == 200 else None
+
+            answer, sim = first_answer(post, reference, server.started, timeout, min_cosine)
+        match = MODEL_READY.search(server.log_tail(200_000))
+        return {"ready_s": round(ready, 3), "first_answer_s": round(answer, 3), "cosine": round(sim, 6),
+                "model_load_in_worker_s": float(match.group(1)) if match else None}
+    finally:
+        server.stop()
+
+
+def run_runpod(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
+    worker = ServerProcess.runpod_worker(logs / f"cold_start_runpod_{i}.log")
+    try:
+        ready = worker.wait_ready(timeout)
+        with httpx.Client(base_url=worker.url, timeout=120) as client:
+
+            def post() -> list[float] | None:
+                response = client.post("/runsync", json={"input": {"input": [SENTENCE]}})
+                body = response.json()
+                if response.status_code != 200 or body.get("status") != "COMPLETED":
+                    return None
+                return body["output"]["data"][0]["embedding"]
+
+            answer, sim = first_answer(post, reference, worker.started, timeout, min_cosine)
+        return {"ready_s": round(ready, 3), "first_answer_s": round(answer, 3), "cosine": round(sim, 6)}
+    finally:
+        worker.stop()
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "stdev": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+    }
+
+
+def measure(
+    kind: str, runs: int, reference: list[float], logs: Path, timeout: float, min_cosine: float = MIN_COSINE
+) -> dict[str, Any]:
+    run = run_service if kind == "service" else run_runpod
+    results = []
+    for i in range(runs):
+        row = run(i, reference, logs, timeout, min_cosine)
+        results.append(row)
+        print(f"  {kind} run {i + 1}/{runs}: ready {row['ready_s']:.2f}s, first correct answer "
+              f"{row['first_answer_s']:.2f}s", flush=True)
+        time.sleep(1.0)  # let the stopped process release its memory and port
+    return {
+        "runs": results,
+        "ready_s": spread([r["ready_s"] for r in results]),
+        "first_answer_s": spread([r["first_answer_s"] for r in results]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runpod", action="store_true", help="also measure the RunPod worker (runpod_adapter)")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per start")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "cold_start.json")
+    parser.add_argument("--logs", type=Path, default=ROOT / "reports")
+    parser.add_argument("--goal", type=float, default=10.0, help="median first answer under this many seconds")
+    parser.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+                        help="a correct answer's cosine with the reference (default 0.999; lower for fp16 on a GPU)")
+    args = parser.parse_args(argv)
+    if args.runpod and not (ROOT / "runpod_adapter").is_dir():
+        parser.error("--runpod: runpod_adapter/ is not in this checkout")
+
+    reference = reference_vector()
+    result: dict[str, Any] = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "-m", "load_tests.cold_start", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "sentence": SENTENCE,
+        "goal_first_answer_median_s": args.goal,
+    }
+    print(f"service: {args.runs} fresh starts of `bentoml serve service:EmbeddingService`", flush=True)
+    result["service"] = measure("service", args.runs, reference, args.logs, args.timeout, args.min_cosine)
+    if args.runpod:
+        print(f"runpod worker: {args.runs} fresh starts of `python -m runpod_adapter --rp_serve_api`", flush=True)
+        result["runpod"] = measure("runpod", args.runs, reference, args.logs, args.timeout, args.min_cosine)
+    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    met = result["service"]["first_answer_s"]["median"] < args.goal
+    result["goal_met"] = met
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for kind in ("service", "runpod"):
+        if kind in result:
+            r, a = result[kind]["ready_s"], result[kind]["first_answer_s"]
+            print(f"{kind}: ready median {r['median']:.2f}s ({r['min']:.2f}..{r['max']:.2f}), first correct answer "
+                  f"median {a['median']:.2f}s ({a['min']:.2f}..{a['max']:.2f}, stdev {a['stdev']:.2f})")
+    print(f"goal (median first answer < {args.goal:.0f}s): {'met' if met else 'NOT met'}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
