@@ -21,6 +21,17 @@ WORDS = (
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
+def _widen(model, std: float):
+    """Redraw every weight from N(0, std): the default init is so narrow that a random model gives
+    nearly the same score to every input, and ordering checks would prove nothing."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
 def _bert_vocab(folder: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"],
              *list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-:")]
@@ -45,10 +56,7 @@ def build_bert_classifier(folder: Path, num_labels: int, seed: int = 0) -> Path:
         label2id={v: k for k, v in labels.items()} if num_labels > 1 else {"LABEL_0": 0},
     )
     config.architectures = ["BertForSequenceClassification"]
-    model = BertForSequenceClassification(config).eval()
-    with torch.no_grad():  # the default init is so narrow that every score comes out the same
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = _widen(BertForSequenceClassification(config).eval(), 0.3)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -102,10 +110,7 @@ def build_qwen3_reranker(folder: Path, seed: int = 0, tie: bool = True) -> Path:
     torch.manual_seed(seed)
     config = _qwen3_config(len(tokenizer), tie)
     config.architectures = ["Qwen3ForCausalLM"]
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():  # random init is near zero; wider weights make scores spread out
-        for p in model.parameters():
-            p.normal_(0, 0.5)
+    model = _widen(Qwen3ForCausalLM(config).eval(), 0.5)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -144,10 +149,7 @@ def build_qwen3_embedding(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = _qwen3_config(len(tokenizer), True)
     config.architectures = ["Qwen3Model"]
-    model = Qwen3Model(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
+    model = _widen(Qwen3Model(config).eval(), 0.5)
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     transformer = Transformer(str(base), max_seq_length=512, tokenizer_args={"padding_side": "left"})
