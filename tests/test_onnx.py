@@ -60,7 +60,7 @@ def test_int8_close_to_torch_and_keeps_the_top_result(cache, torch_vectors):
     env = {"BACKEND": "optimum", "ONNX_QUANTIZATION": "int8", "ONNX_CACHE_DIR": str(cache)}
     vectors = embed_all(env, CORPUS + QUERIES + DOCS)
     cos = (vectors * torch_vectors).sum(1)
-    assert cos.mean() >= 0.99 and cos.min() >= 0.98
+    assert cos.mean() >= 0.995 and cos.min() >= 0.99
     n = len(CORPUS)
     q8, d8 = vectors[n:n + 3], vectors[n + 3:]
     qt, dt = torch_vectors[n:n + 3], torch_vectors[n + 3:]
