@@ -52,16 +52,19 @@ class InferenceService:
 
     # ---- limits ----
 
-    def _check_texts(self, texts: list[str], param: str) -> None:
-        if not texts:
+    def _check_count(self, count: int, param: str) -> None:
+        if not count:
             raise BadRequest(f"'{param}' is empty: send at least one text", param=param)
-        if len(texts) > self.settings.max_items:
+        if count > self.settings.max_items:
             raise PayloadTooLarge(
-                f"'{param}' has {len(texts)} items; the limit is MAX_ITEMS_PER_REQUEST={self.settings.max_items}: "
+                f"'{param}' has {count} items; the limit is MAX_ITEMS_PER_REQUEST={self.settings.max_items}: "
                 "split the request",
                 param=param,
                 code="too_many_items",
             )
+
+    def _check_texts(self, texts: list[str], param: str) -> None:
+        self._check_count(len(texts), param)
         for i, text in enumerate(texts):
             if not text:
                 raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param)
@@ -120,8 +123,7 @@ class InferenceService:
     async def embed(self, q: EmbedQuery) -> dict[str, Any]:
         model = self.registry.resolve(q.model, EMBED)
         if q.token_ids is not None:
-            if len(q.token_ids) > self.settings.max_items:
-                self._check_texts([""] * len(q.token_ids), "input")
+            self._check_count(len(q.token_ids), "input")  # before decoding thousands of rows
             texts = await self._texts_from_ids(model, q.token_ids)
         else:
             texts = q.texts or []
