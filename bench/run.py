@@ -572,7 +572,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     systems = result["systems"]
     cs = result["load"]["concurrency"]
-    colors = {"engine": "tab:gray", "service": "tab:blue", "infinity_server": "tab:orange"}
+    colors = {"engine": "tab:gray", "service": "tab:blue", "infinity_server": "tab:orange",
+              "service_onnx-fp32": "tab:brown", "service_onnx-int8": "tab:red"}
     fig, (ax_t, ax_l, ax_f) = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, by_c in systems.items():
         ax_t.plot(cs, [by_c[str(c)]["texts_per_s"] for c in cs], "o-", label=name, color=colors.get(name))
