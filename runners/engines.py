@@ -312,6 +312,8 @@ class EngineRegistry:
                 except Exception as exc:
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+                for replica in loaded.engine._model_replicas:
+                    metrics.observe_batches(replica, spec.served_name)
                 await loaded.engine.astart()
                 self.models.append(loaded)
                 if warmup is not None and self.settings.model_warmup:

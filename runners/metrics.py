@@ -7,7 +7,8 @@ Kubernetes HorizontalPodAutoscaler scales on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,6 +29,26 @@ REQUEST_ITEMS = Histogram(
     "embed_rerank_request_items", "Items per request (the batch a client sends)", LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=REGISTRY,
 )
+
+
+BATCH_SIZE = Histogram(
+    "embed_rerank_batch_size", "Texts per model forward pass, as Infinity's batch handler formed them", ("model",),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY,
+)
+
+
+def observe_batches(replica: Any, model: str) -> None:
+    """Count the batch of every forward pass (`encode_core` gets the tokenized batch)."""
+    forward = replica.encode_core
+    histogram = BATCH_SIZE.labels(model)
+
+    def encode_core(features: Any) -> Any:
+        ids = features.get("input_ids") if isinstance(features, Mapping) else None
+        if ids is not None:
+            histogram.observe(len(ids))
+        return forward(features)
+
+    replica.encode_core = encode_core
 
 
 class QueueDepthCollector:

@@ -247,7 +247,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         device=_choice("DEVICE", env.get("DEVICE", "auto") or "auto", DEVICES),
         queue_size=_int(env, "INFINITY_QUEUE_SIZE", 48000),
         runpod_max_concurrency=_int(env, "RUNPOD_MAX_CONCURRENCY", 300),
-        max_concurrency=_int(env, "MAX_CONCURRENCY", 512),
+        max_concurrency=_int(env, "MAX_CONCURRENCY", min(512, _int(env, "INFINITY_QUEUE_SIZE", 48000))),
         gpu_count=_int(env, "GPU_COUNT", 1, minimum=0),
         gpu_type=env.get("GPU_TYPE", "").strip(),
         memory=env.get("SERVICE_MEMORY", "").strip() or "8Gi",

@@ -211,3 +211,4 @@ def test_prometheus_metrics_of_the_service(default_server):
     assert 'embed_rerank_errors_total{status="404",type="invalid_request_error"}' in text
     assert 'embed_rerank_queue_depth{model="all-MiniLM-L6-v2"} 0.0' in text
     assert "embed_rerank_inference_seconds_bucket" in text and "embed_rerank_request_items_bucket" in text
+    assert 'embed_rerank_batch_size_count{model="all-MiniLM-L6-v2"}' in text

@@ -20,6 +20,12 @@ def test_defaults_serve_the_embedded_model():
     (model,) = settings.models
     assert model.served_name == "all-MiniLM-L6-v2" and model.is_local
     assert (settings.queue_size, settings.runpod_max_concurrency) == (48000, 300)
+    assert settings.max_concurrency == 512
+
+
+def test_max_concurrency_follows_a_small_queue():
+    assert load_settings({"INFINITY_QUEUE_SIZE": "16"}).max_concurrency == 16
+    assert load_settings({"INFINITY_QUEUE_SIZE": "16", "MAX_CONCURRENCY": "64"}).max_concurrency == 64
 
 
 def test_per_model_lists_and_seed_spellings(tiny_models):
