@@ -132,3 +132,17 @@ def test_manifests_agree_with_each_other_and_the_service():
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert metric in (ROOT / "runners/metrics.py").read_text()
+
+
+def test_runpod_dockerfile_copies_everything_pip_install_needs():
+    """`pip install .` in Dockerfile.runpod fails on a package folder the image did not COPY."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dockerfile = (ROOT / "Dockerfile.runpod").read_text()
+    copied = set()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY") and "--from" not in line:
+            copied.update(part.rstrip("/") for part in line.split()[1:-1])
+    needed = set(setuptools["packages"]) | {f"{m}.py" for m in setuptools["py-modules"]} | {"README.md"}
+    assert needed <= copied, needed - copied
