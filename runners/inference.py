@@ -21,8 +21,6 @@ from runners.qwen3 import embedding_instruction, rerank_body_start
 from runners.schemas import ClassifyQuery, EmbedQuery, RerankQuery
 from runners.settings import Settings
 
-RERANK_SHAPES = ("native", "v1", "v2")
-
 
 class InferenceService:
     def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
@@ -184,6 +182,7 @@ class InferenceService:
         return scores, int(usage)
 
     async def rerank(self, q: RerankQuery, shape: str = "native") -> dict[str, Any]:
+        """`shape`: "native" (documents as strings), "v1" (Jina/Cohere v1, documents as {text}) or "v2"."""
         model = self.registry.resolve(q.model, RERANK)
         if not q.query:
             raise BadRequest("'query' is an empty string: send the text to rank the documents against", param="query")
