@@ -80,7 +80,10 @@ def test_dimensions_truncate_and_renormalize(client):
 
 def test_token_id_inputs_are_decoded(client, st_model):
     ids = st_model.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    single = client.embeddings.create(model="all-MiniLM-L6-v2", input=ids)  # one [int] list: one text
+    assert len(single.data) == 1
     by_ids = client.embeddings.create(model="all-MiniLM-L6-v2", input=[ids, ids[:1]])
+    assert cosine(single.data[0].embedding, by_ids.data[0].embedding) >= 0.9999
     by_text = client.embeddings.create(model="all-MiniLM-L6-v2", input=["hello world", "hello"])
     for a, b in zip(by_ids.data, by_text.data):
         assert cosine(a.embedding, b.embedding) >= 0.9999

@@ -108,3 +108,14 @@ def test_classify_probabilities_and_raw_scores(models_server, tiny_models):
         assert row[0]["score"] == max(got.values())
         got_raw = {x["label"]: x["score"] for x in raw_row}
         assert all(abs(got_raw[label] - want_raw[i]) < 1e-4 for i, label in enumerate(labels))
+
+
+def test_v2_max_tokens_per_doc_truncates_documents(models_server, tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["cross-encoder"])
+    cut = [tok.decode(tok(d, add_special_tokens=False)["input_ids"][:3]) for d in DOCS]
+    logits = direct_logits(tiny_models["cross-encoder"], pairs=[(QUERY, d) for d in cut])[:, 0]
+    probs = 1 / (1 + np.exp(-logits))
+    res = httpx.post(models_server.url + "/v2/rerank", json={"model": "cross-encoder", "query": QUERY,
+                                                             "documents": DOCS, "max_tokens_per_doc": 3}).json()
+    assert [r["index"] for r in res["results"]] == sorted(range(len(DOCS)), key=lambda i: -probs[i])
+    assert all(abs(r["relevance_score"] - probs[r["index"]]) < 1e-4 for r in res["results"])
