@@ -35,14 +35,18 @@ def server_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class Server:
-    def __init__(self, extra_env: dict[str, str], log_path: Path) -> None:
+    """`bentoml serve TARGET` (the project's service by default) in its own process group."""
+
+    def __init__(self, extra_env: dict[str, str], log_path: Path, target: str = "service:EmbeddingService",
+                 cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [BENTOML, "serve", "service:EmbeddingService", "--port", str(self.port)],
-            cwd=ROOT, env=server_env(extra_env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [BENTOML, "serve", target, "--port", str(self.port)],
+            cwd=cwd, env=env if env is not None else server_env(extra_env), stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 180) -> None:
@@ -63,6 +67,8 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
+        # SIGTERM first: BentoML's workers run in process groups of their own, so only the arbiter
+        # can stop them; a SIGKILL to it would leave them running.
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import BENTOML, ROOT, free_port, server_env
+from conftest import BENTOML, ROOT, Server, free_port, server_env
 
 from runners.settings import SettingsError, load_settings
 
@@ -76,33 +76,23 @@ def test_model_that_fails_to_load_stops_the_server(tmp_path, tiny_models):
 
 
 def test_sigterm_under_load_drains_and_exits(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([BENTOML, "serve", "service:EmbeddingService", "--port", str(port)], cwd=ROOT,
-                            env=server_env({}), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server({}, tmp_path / "server.log")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+        server.wait_ready()
         texts = [f"sentence number {i} about load and shutdown" for i in range(64)]
 
         def call() -> str:
             try:
-                return str(httpx.post(url + "/embed", json={"input": texts}, timeout=30).status_code)
+                return str(httpx.post(server.url + "/embed", json={"input": texts}, timeout=30).status_code)
             except httpx.HTTPError as exc:
                 return type(exc).__name__
 
         with cf.ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(call) for _ in range(16)]
             time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(server.proc.pid, signal.SIGTERM)
             started = time.monotonic()
-            proc.wait(timeout=15)
+            server.proc.wait(timeout=15)
             exit_seconds = time.monotonic() - started
             outcomes = [f.result(timeout=30) for f in futures]
         assert exit_seconds < 10
@@ -110,6 +100,4 @@ def test_sigterm_under_load_drains_and_exits(tmp_path):
         assert "200" in outcomes
         assert set(outcomes) <= {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()

@@ -3,9 +3,7 @@ serving, and the Kubernetes manifests checked against the API's models."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -14,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import BENTOML, ROOT, free_port, server_env
+from conftest import BENTOML, ROOT, Server, server_env
 
 PYTHON = sys.executable
 
@@ -69,22 +67,10 @@ def test_built_bento_serves_from_its_baked_models(built_bento, tmp_path):
     image_env = {e["name"]: e["value"] for e in bento["envs"]}
     env = server_env({"BENTOML_HOME": built_bento["home"], **image_env})
     env.pop("PYTHONPATH")  # the Bento must carry its own code
-    port = free_port()
-    log = open(tmp_path / "bento.log", "wb")
-    proc = subprocess.Popen([BENTOML, "serve", built_bento["tag"], "--port", str(port)], cwd=tmp_path, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = Server({}, tmp_path / "bento.log", target=built_bento["tag"], cwd=tmp_path, env=env)
+    url = server.url
     try:
-        import time
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        assert proc.poll() is None, (tmp_path / "bento.log").read_text()[-2000:]
+        server.wait_ready(120)
         emb = httpx.post(url + "/v1/embeddings", json={"model": "sentence-transformers/all-MiniLM-L6-v2",
                                                        "input": "hello"}).json()
         assert len(emb["data"][0]["embedding"]) == 384
@@ -93,14 +79,7 @@ def test_built_bento_serves_from_its_baked_models(built_bento, tmp_path):
         rr = httpx.post(url + "/rerank", json={"query": "q", "docs": ["a", "b"]}).json()
         assert rr["model"] == "Qwen/Qwen3-Reranker-0.6B" and len(rr["results"]) == 2
     finally:
-        # SIGTERM: BentoML's workers run in process groups of their own, so only the arbiter can
-        # stop them; a SIGKILL to it would leave them running.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        server.stop()
 
 
 def _round_trip(doc: dict) -> None:
