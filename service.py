@@ -10,8 +10,6 @@ process imports this module too.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,17 +19,19 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from runners import metrics
+from runners import allocator, metrics
 from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, from_validation_errors
 from runners.http import (
     AuthMiddleware,
     EnvelopeMiddleware,
+    HealthMiddleware,
     JSONBody,
     OpenAPIMiddleware,
     RequestLogMiddleware,
     configure_logging,
 )
 from runners.inference import InferenceService
+from runners.lifecycle import install_in_arbiter, stop_server
 from runners.schemas import (
     ClassifyRequest,
     EmbeddingRequest,
@@ -52,6 +52,12 @@ except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
 apply_offline_defaults(SETTINGS)
 configure_logging(SETTINGS.log_format)
+try:
+    # In `bentoml serve` this runs in the serving process before it spawns the workers, which
+    # inherit the environment: they start with the allocator preloaded.
+    allocator.activate(SETTINGS.allocator)
+except SettingsError as exc:
+    raise SystemExit(f"configuration error: {exc}") from None
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
@@ -92,6 +98,9 @@ def _install_error_handlers(app: FastAPI) -> FastAPI:
 openai_app = _install_error_handlers(FastAPI(title="OpenAI, Jina and Cohere v1 compatible routes"))
 cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible routes"))
 
+# In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server.
+install_in_arbiter()
+
 
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(cohere_v2_app, path="/v2")
@@ -108,6 +117,8 @@ cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible rout
 class EmbeddingService:
     def __init__(self) -> None:
         self.inference = InferenceService(SETTINGS)
+        # A model the watchdog cannot bring back: health says 503, then the whole server exits.
+        self.inference.registry.on_fatal = stop_server
 
     async def start_engines(self) -> None:
         """Load, start and warm every model (the RunPod adapter calls this too)."""
@@ -119,9 +130,8 @@ class EmbeddingService:
             await self.start_engines()
         except Exception as exc:
             # BentoML restarts a worker whose startup failed, forever; a model that cannot load
-            # won't load next time either, so the server stops, non-zero, with the reason.
-            log.error("startup failed, stopping the server: %s", exc)
-            os.kill(os.getppid(), signal.SIGKILL)
+            # won't load next time either, so the whole server exits with EXIT_CANNOT_SERVE.
+            stop_server(f"startup failed: {exc}")
             raise
 
     @bentoml.on_shutdown
@@ -170,6 +180,7 @@ class EmbeddingService:
         return await answer(lambda: self.inference.rerank(to_rerank_query(body), "v2"))
 
 
+EmbeddingService.add_asgi_middleware(HealthMiddleware)
 EmbeddingService.add_asgi_middleware(EnvelopeMiddleware, max_body_bytes=SETTINGS.max_body_bytes)
 EmbeddingService.add_asgi_middleware(OpenAPIMiddleware)
 EmbeddingService.add_asgi_middleware(RequestLogMiddleware)

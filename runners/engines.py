@@ -1,9 +1,11 @@
-"""Infinity engines: loading, the model registry, capabilities, backpressure and shutdown.
+"""Models: loading, the registry, capabilities, backpressure, the watchdog and shutdown.
 
-One `AsyncEmbeddingEngine` per model, each with its own batch size, backend and dtype. Infinity's
-batch handler groups concurrent requests into model batches; this module only decides which
-engine serves a request, refuses work when an engine's queue is full, and stops every engine on
-shutdown (their worker threads are not daemons: a process with a running engine never exits).
+Each model is an Infinity model replica (loaded by Infinity's own selection, or built here for
+Qwen3 rerankers, logit classifiers and ONNX) driven by this project's `ModelScheduler`
+(`runners.scheduler`), with its own batch size, token budget, backend and dtype. This module
+decides which model serves a request, refuses work when a model's queue is full, supervises the
+schedulers' loops (restart a loop that died; a model that cannot be brought back makes health
+answer 503 and the process exit) and stops every model on shutdown.
 """
 
 from __future__ import annotations
@@ -19,16 +21,34 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from runners import metrics
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
+from runners.scheduler import ModelScheduler
 from runners.settings import ModelSpec, Settings
 
 log = logging.getLogger("embed_rerank.engines")
-T = TypeVar("T")
 
 EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
+# Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (README, Performance: the measurement).
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "gpu": 32768}
+FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
+_PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
+
+
+class ServiceHealth:
+    """Why the process cannot serve any more (None while it can): `/livez` and `/readyz` say it."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+
+HEALTH = ServiceHealth()
 
 
 @dataclass
@@ -54,7 +74,7 @@ class LoadedModel:
     """A started engine and what the service needs to know about its model."""
 
     spec: ModelSpec
-    engine: Any
+    scheduler: ModelScheduler
     capabilities: frozenset[str]
     rerank_via: str | None  # "cross-encoder", "qwen3-yes-no" or "embedding-cosine"
     tokenizer: Any
@@ -98,13 +118,15 @@ class LoadedModel:
             "backend": self.spec.backend,
             "dtype": self.spec.dtype,
             "batch_size": self.spec.batch_size,
+            "max_batch_tokens": self.scheduler.budget.limit,
+            "batch_tokens_now": self.scheduler.budget.current,
             "dimensions": self.dimensions,
             "max_tokens": self.max_tokens,
             "prompts": self.prompts,
             "labels": self.labels or None,
             "load_seconds": round(self.load_seconds, 2),
             "in_flight": self.in_flight,
-            "stats": self.stats.as_dict(),
+            "stats": self.stats.as_dict() | self.scheduler.counters,
         }
 
 
@@ -168,19 +190,21 @@ def onnx_default_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _preloaded_engine(engine_args: Any, replica: Any) -> Any:
-    """An Infinity engine around a model object built here (Infinity's own selection can't build it)."""
-    from infinity_emb import AsyncEmbeddingEngine
+def _on_gpu(settings: Settings) -> bool:
+    if settings.device in ("cuda", "mps"):
+        return True
+    if settings.device == "cpu":
+        return False
+    import torch
 
-    class PreloadedEngine(AsyncEmbeddingEngine):
-        def __init__(self) -> None:
-            self._engine_args = engine_args
-            self.running = False
-            self._running_sepamore = None
-            self._model_replicas = [replica]
-            self._min_inference_t = self._max_inference_t = 4e-3
+    return torch.cuda.is_available()
 
-    return PreloadedEngine()
+
+def _scheduler(replica: Any, spec: ModelSpec, settings: Settings, pairs: bool) -> ModelScheduler:
+    tokens = spec.max_batch_tokens or DEFAULT_BATCH_TOKENS["gpu" if _on_gpu(settings) else "cpu"]
+    probe = [(t, t) for t in _PROBE_TEXTS] if pairs else _PROBE_TEXTS
+    return ModelScheduler(replica, name=spec.served_name, max_batch_size=spec.batch_size, max_batch_tokens=tokens,
+                          probe=probe)
 
 
 def import_infinity() -> None:
@@ -201,7 +225,7 @@ def import_infinity() -> None:
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
-    """Build one engine (blocking: run it in a thread)."""
+    """Load one model and its scheduler (blocking: run it in a thread)."""
     import_infinity()
     from infinity_emb import AsyncEmbeddingEngine
 
@@ -213,10 +237,9 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         from runners.qwen3 import Qwen3Reranker
 
         replica = Qwen3Reranker(engine_args=args)
-        engine = _preloaded_engine(args, replica)
         return LoadedModel(
             spec=spec,
-            engine=engine,
+            scheduler=_scheduler(replica, spec, settings, pairs=True),
             capabilities=frozenset({RERANK}),
             rerank_via="qwen3-yes-no",
             tokenizer=copy.deepcopy(replica.tokenizer),
@@ -227,12 +250,11 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         from runners.classifier import LogitClassifier
 
         replica = LogitClassifier(engine_args=args)
-        engine = _preloaded_engine(args, replica)
         model_config = replica.model_config
         labels = [model_config.id2label[i] for i in sorted(model_config.id2label)]
         return LoadedModel(
             spec=spec,
-            engine=engine,
+            scheduler=_scheduler(replica, spec, settings, pairs=False),
             capabilities=frozenset({CLASSIFY}),
             rerank_via=None,
             tokenizer=copy.deepcopy(replica.tokenizer),
@@ -249,29 +271,28 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     if kind == EMBED and spec.backend == "optimum":
         from runners.onnx import OnnxEmbedder
 
-        onnx_replica = OnnxEmbedder(
+        replica = OnnxEmbedder(
             engine_args=args,
             quantization=onnx_quantization(settings),
             cache_dir=settings.onnx_cache_dir,
             threads=settings.onnx_threads or onnx_default_threads(),
         )
-        engine = _preloaded_engine(args, onnx_replica)
     else:
-        engine = AsyncEmbeddingEngine.from_args(args)
-    replica = engine._model_replicas[0]
+        # Infinity's own model selection builds the replica; its batch handler is never started.
+        replica = AsyncEmbeddingEngine.from_args(args)._model_replicas[0]
     if kind == RERANK:
         tokenizer = getattr(replica, "tokenizer", None)
         max_len = getattr(replica, "max_length", None) or getattr(tokenizer, "model_max_length", 512)
         return LoadedModel(
             spec=spec,
-            engine=engine,
+            scheduler=_scheduler(replica, spec, settings, pairs=True),
             capabilities=frozenset({RERANK}),
             rerank_via="cross-encoder",
             tokenizer=copy.deepcopy(tokenizer),
             max_tokens=int(min(max_len, 1 << 20)),
             load_seconds=time.perf_counter() - started,
         )
-    # Embedding model: the service normalizes (or not) per request, so Infinity must not.
+    # Embedding model: the service normalizes (or not) per request, so the replica must not.
     if hasattr(replica, "normalize_embeddings"):
         replica.normalize_embeddings = False
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
@@ -279,7 +300,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
     return LoadedModel(
         spec=spec,
-        engine=engine,
+        scheduler=_scheduler(replica, spec, settings, pairs=False),
         capabilities=frozenset({EMBED, RERANK}),
         rerank_via="embedding-cosine",
         tokenizer=copy.deepcopy(tokenizer),
@@ -293,11 +314,13 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
 class EngineRegistry:
     """Every served model, found by name or by capability, with bounded queues."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_fatal: Callable[[str], Any] | None = None) -> None:
         self.settings = settings
         self.models: list[LoadedModel] = []
         self.ready = False
+        self.on_fatal = on_fatal  # called once a model cannot be brought back: the process should exit
         self._start_lock = asyncio.Lock()
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
         """Load, start and warm every model; ready only after the last one answered."""
@@ -312,9 +335,7 @@ class EngineRegistry:
                 except Exception as exc:
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
-                for replica in loaded.engine._model_replicas:
-                    metrics.observe_batches(replica, spec.served_name)
-                await loaded.engine.astart()
+                loaded.scheduler.start()
                 self.models.append(loaded)
                 if warmup is not None and self.settings.model_warmup:
                     await warmup(loaded)
@@ -323,16 +344,53 @@ class EngineRegistry:
                     ", ".join(sorted(loaded.capabilities)),
                 )
             self.ready = True
+            self._watchdog = asyncio.create_task(self._watch(), name="embed-rerank-watchdog")
             log.info("all %d model(s) ready in %.1fs", len(self.models), time.perf_counter() - total)
 
     async def stop(self) -> None:
         self.ready = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for model in self.models:
             try:
-                await model.engine.astop()
-            except Exception:  # noqa: BLE001 - one engine failing to stop must not keep the others running
-                log.exception("stopping engine %s failed", model.name)
+                await asyncio.to_thread(model.scheduler.stop)
+            except Exception:  # noqa: BLE001 - one model failing to stop must not keep the others running
+                log.exception("stopping model %s failed", model.name)
         self.models = []
+
+    @property
+    def serving(self) -> bool:
+        """Every model loaded and none out of service."""
+        return self.ready and HEALTH.reason is None
+
+    async def _watch(self) -> None:
+        """Restart a scheduler loop that died; give a model up when it keeps dying or stalls."""
+        stall = self.settings.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, stall / 4))
+            for model in self.models:
+                scheduler = model.scheduler
+                if scheduler.dead_reason is not None:
+                    continue
+                roles = scheduler.dead_loops()
+                if roles:
+                    if scheduler.restart(roles):
+                        log.warning("model %s: restarted its %s loop", model.name, " and ".join(roles))
+                        continue
+                    self._give_up(model, f"its batch loop died more than {scheduler.restarts_allowed} times "
+                                         f"within {scheduler.restart_window_s:.0f}s")
+                elif scheduler.stalled_for() > stall:
+                    self._give_up(model, f"a batch made no progress for {scheduler.stalled_for():.0f}s "
+                                         f"(MODEL_STALL_TIMEOUT={stall:g})")
+
+    def _give_up(self, model: LoadedModel, why: str) -> None:
+        reason = f"model {model.name!r} is out of service: {why}"
+        log.error("%s; health answers 503 and the process exits", reason)
+        HEALTH.fail(reason)
+        model.scheduler.kill(why)
+        if self.on_fatal is not None:
+            asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, self.on_fatal, reason)
 
     def resolve(self, model: str | None, capability: str) -> LoadedModel:
         if model:
@@ -363,8 +421,9 @@ class EngineRegistry:
     def queue_depth(self) -> int:
         return sum(m.in_flight for m in self.models)
 
-    async def run(self, model: LoadedModel, capability: str, items: int, call: Callable[[], Awaitable[T]]) -> T:
-        """Run one engine call for `items` inputs, refusing at once when the queue is full."""
+    async def run(self, model: LoadedModel, capability: str, inputs: list[Any]) -> tuple[list[Any], int]:
+        """The model's results for `inputs` and the tokens it read; refused at once when its queue is full."""
+        items = len(inputs)
         limit = self.settings.queue_size
         if model.in_flight + items > limit:
             raise Overloaded(
@@ -375,7 +434,7 @@ class EngineRegistry:
         model.in_flight += items
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(call(), timeout=self.settings.request_timeout_s)
+            return await asyncio.wait_for(model.scheduler.run(inputs), timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             model.stats.errors += 1
             raise Timeout(

@@ -79,6 +79,22 @@ class Timeout(ServiceError):
     code = "timeout"
 
 
+class ModelError(ServiceError):
+    """The model raised on this request's batch; the model keeps serving other requests."""
+
+    status = 500
+    type = "server_error"
+    code = "model_error"
+
+
+class OutOfMemory(ServiceError):
+    """One input alone does not fit the device's memory."""
+
+    status = 507
+    type = "server_error"
+    code = "out_of_memory"
+
+
 class InternalError(ServiceError):
     status = 500
     type = "server_error"

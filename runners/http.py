@@ -19,6 +19,7 @@ from runners.errors import (
     BadRequest,
     InternalError,
     ModelNotFound,
+    OutOfMemory,
     Overloaded,
     PayloadTooLarge,
     SchemaError,
@@ -66,11 +67,35 @@ def _envelope_for(status: int, body: bytes) -> ServiceError:
         return Unavailable(text or "the service is not ready: retry when GET /readyz answers 200")
     if status == 504:
         return Timeout(text or "the request timed out")
+    if status == 507:
+        return OutOfMemory(text or "the model ran out of memory on this request")
     if status in (401, 403):
         return Unauthorized(text or "unauthorized")
     err = InternalError(text or "the server failed on this request; the log has the traceback")
     err.status = status
     return err
+
+
+class HealthMiddleware:
+    """`/livez` and `/readyz` answer 503 with the reason once a model is out of service (the
+    process exits soon after), so no orchestrator keeps sending traffic to a server that cannot
+    answer it; BentoML's own `/livez` would say 200."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in HEALTH_PATHS:
+            from runners.engines import HEALTH
+
+            if HEALTH.reason is not None:
+                body = orjson.dumps({"status": "unavailable", "reason": HEALTH.reason})
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 class EnvelopeMiddleware:
@@ -264,7 +289,9 @@ ERROR_ENVELOPE_SCHEMA = {
 }
 _ERROR_STATUSES = {"400": "Bad request", "401": "Missing or wrong API key", "404": "Unknown model or route",
                    "413": "Over a size limit", "422": "Body does not match the schema",
-                   "429": "Queue full: retry later", "500": "Server error", "503": "Not ready", "504": "Timed out"}
+                   "429": "Queue full: retry later", "500": "Server error (model_error: the model raised on this request)",
+                   "503": "Not ready, or a model is out of service", "504": "Timed out",
+                   "507": "One input alone does not fit the device's memory"}
 
 
 def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:

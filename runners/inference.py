@@ -36,7 +36,7 @@ class InferenceService:
 
     @property
     def ready(self) -> bool:
-        return self.registry.ready
+        return self.registry.serving
 
     @staticmethod
     def _account(model: LoadedModel, capability: str, items: int, tokens: int) -> None:
@@ -66,6 +66,15 @@ class InferenceService:
         for i, text in enumerate(texts):
             if not text:
                 raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param)
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise BadRequest(
+                        f"'{param}[{i}]' holds a lone UTF-16 surrogate ({text[exc.start]!r}) at character {exc.start}: "
+                        "send valid Unicode (escape pairs like \\ud83d\\ude00 must come in pairs)",
+                        param=param, code="invalid_text",
+                    ) from None
             if len(text) > self.settings.max_chars:
                 raise PayloadTooLarge(
                     f"'{param}[{i}]' has {len(text)} characters; the limit is "
@@ -115,8 +124,8 @@ class InferenceService:
         return await asyncio.to_thread(model.decode, ids)
 
     async def embed_vectors(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, int]:
-        embeddings, usage = await self.registry.run(model, EMBED, len(texts), lambda: model.engine.embed(texts))
-        return np.asarray(embeddings, dtype=np.float32), int(usage)
+        embeddings, usage = await self.registry.run(model, EMBED, texts)
+        return np.asarray(np.stack(embeddings), dtype=np.float32), int(usage)
 
     async def embed(self, q: EmbedQuery) -> dict[str, Any]:
         model = self.registry.resolve(q.model, EMBED)
@@ -173,13 +182,11 @@ class InferenceService:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return (vectors[1:] @ vectors[0]).tolist(), usage
         query = rerank_body_start(q.query, q.instruction) if model.rerank_via == "qwen3-yes-no" else q.query
-        results, usage = await self.registry.run(
-            model, RERANK, len(docs), lambda: model.engine.rerank(query=query, docs=docs, raw_scores=q.raw_scores)
-        )
-        scores = [0.0] * len(docs)
-        for r in results:
-            scores[r.index] = float(r.relevance_score)
-        return scores, int(usage)
+        logits, usage = await self.registry.run(model, RERANK, [(query, d) for d in docs])
+        values = np.asarray(logits, dtype=np.float64).reshape(len(docs))
+        if not q.raw_scores:
+            values = 1 / (1 + np.exp(-values))
+        return values.tolist(), int(usage)
 
     async def rerank(self, q: RerankQuery, shape: str = "native") -> dict[str, Any]:
         """`shape`: "native" (documents as strings), "v1" (Jina/Cohere v1, documents as {text}) or "v2"."""
@@ -232,10 +239,8 @@ class InferenceService:
     async def classify(self, q: ClassifyQuery) -> dict[str, Any]:
         model = self.registry.resolve(q.model, CLASSIFY)
         self._check_texts(q.texts, "input")
-        logits, usage = await self.registry.run(
-            model, CLASSIFY, len(q.texts), lambda: model.engine.classify(sentences=q.texts, raw_scores=True)
-        )
-        rows = np.asarray(logits, dtype=np.float64)
+        logits, usage = await self.registry.run(model, CLASSIFY, q.texts)
+        rows = np.asarray(np.stack(logits), dtype=np.float64)
         if not q.raw_scores:
             if model.multi_label:
                 rows = 1 / (1 + np.exp(-rows))

@@ -7,8 +7,7 @@ Kubernetes HorizontalPodAutoscaler scales on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -32,23 +31,19 @@ REQUEST_ITEMS = Histogram(
 
 
 BATCH_SIZE = Histogram(
-    "embed_rerank_batch_size", "Texts per model forward pass, as Infinity's batch handler formed them", ("model",),
+    "embed_rerank_batch_size", "Texts per model forward pass, as the scheduler formed them", ("model",),
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=REGISTRY,
 )
-
-
-def observe_batches(replica: Any, model: str) -> None:
-    """Count the batch of every forward pass (`encode_core` gets the tokenized batch)."""
-    forward = replica.encode_core
-    histogram = BATCH_SIZE.labels(model)
-
-    def encode_core(features: Any) -> Any:
-        ids = features.get("input_ids") if isinstance(features, Mapping) else None
-        if ids is not None:
-            histogram.observe(len(ids))
-        return forward(features)
-
-    replica.encode_core = encode_core
+BATCH_TOKENS = Histogram(
+    "embed_rerank_batch_tokens", "Padded tokens per model forward pass (items x longest item)", ("model",),
+    buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536), registry=REGISTRY,
+)
+BATCH_FAILURES = Counter("embed_rerank_batch_failures", "Forward passes that raised (not out of memory)", ("model",),
+                         registry=REGISTRY)
+OOM_SPLITS = Counter("embed_rerank_oom_splits", "Forward passes that ran out of memory and were split", ("model",),
+                     registry=REGISTRY)
+LOOP_RESTARTS = Counter("embed_rerank_loop_restarts", "Batch or tokenizer loops restarted by the watchdog", ("model",),
+                        registry=REGISTRY)
 
 
 class QueueDepthCollector:

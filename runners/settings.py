@@ -30,6 +30,7 @@ DTYPE_ALIASES = {
 DEVICES = ("auto", "cpu", "cuda", "mps")
 KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker")
 ONNX_QUANTIZATIONS = ("auto", "fp32", "int8")
+ALLOCATORS = ("auto", "jemalloc", "mimalloc", "system")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 STORE_PREFIX = "bento:"
 DEFAULT_MODEL_ALIASES = ("sentence-transformers/all-MiniLM-L6-v2",)
@@ -50,6 +51,7 @@ class ModelSpec:
     dtype: str = "auto"
     kind: str = "auto"
     aliases: tuple[str, ...] = ()
+    max_batch_tokens: int = 0  # padded tokens per forward pass; 0 = the device's default
 
     @property
     def is_local(self) -> bool:
@@ -74,6 +76,7 @@ class Settings:
     max_chars: int = 100_000
     max_body_bytes: int = 16 * 1024 * 1024
     request_timeout_s: float = 120.0
+    stall_timeout_s: float = 300.0
     api_keys: tuple[str, ...] = ()
     metrics_public: bool = True
     trust_remote_code: bool = True
@@ -82,6 +85,7 @@ class Settings:
     onnx_quantization: str = "auto"
     onnx_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embed-rerank" / "onnx")
     onnx_threads: int = 0
+    allocator: str = "auto"
 
     @property
     def all_local(self) -> bool:
@@ -211,6 +215,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     backends = _per_model(env, "BACKEND", n, "torch")
     dtypes = _per_model(env, "DTYPES", n, "auto")
     kinds = _per_model(env, "MODEL_KINDS", n, "auto")
+    batch_tokens = _per_model(env, "MAX_BATCH_TOKENS", n, "auto")
 
     models = []
     for i, name in enumerate(names):
@@ -220,6 +225,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             raise SettingsError(f"BATCH_SIZES has {batch_sizes[i]!r} for {name}: use a whole number >= 1") from None
         if batch < 1:
             raise SettingsError(f"BATCH_SIZES has {batch} for {name}: use a whole number >= 1")
+        tokens = 0 if batch_tokens[i].lower() == "auto" else -1
+        if tokens < 0:
+            try:
+                tokens = int(batch_tokens[i])
+            except ValueError:
+                tokens = 0
+            if tokens < 1:
+                raise SettingsError(f"MAX_BATCH_TOKENS has {batch_tokens[i]!r} for {name}: "
+                                    "use auto or a whole number of padded tokens >= 1, e.g. 16384")
         models.append(
             ModelSpec(
                 name_or_path=name,
@@ -229,6 +243,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                 dtype=_choice("DTYPES", dtypes[i], DTYPE_ALIASES),
                 kind=_choice("MODEL_KINDS", kinds[i], KINDS),
                 aliases=aliases[i],
+                max_batch_tokens=tokens,
             )
         )
     seen: dict[str, str] = {}
@@ -255,6 +270,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),
         request_timeout_s=_float(env, "REQUEST_TIMEOUT", 120.0),
+        stall_timeout_s=_float(env, "MODEL_STALL_TIMEOUT", 300.0),
         api_keys=keys,
         metrics_public=_bool(env, "METRICS_PUBLIC", True),
         trust_remote_code=_bool(env, "TRUST_REMOTE_CODE", True),
@@ -263,6 +279,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         onnx_quantization=_choice("ONNX_QUANTIZATION", env.get("ONNX_QUANTIZATION", "auto") or "auto", ONNX_QUANTIZATIONS),
         onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
         onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
+        allocator=_choice("ALLOCATOR", env.get("ALLOCATOR", "auto") or "auto", ALLOCATORS),
     )
 
 

@@ -162,3 +162,73 @@ def build_qwen3_embedding(folder: Path, seed: int = 0) -> Path:
     )
     st.save(str(folder))
     return folder
+
+
+FAULTY_MODELING = '''"""A BERT encoder that misbehaves on purpose, for the fault tests (custom code: trust_remote_code).
+
+- a text holding the word `boom` makes the forward pass raise RuntimeError;
+- `vanish` raises SystemExit, which ends the thread that runs the model (a loop that dies);
+- `freeze` blocks the forward pass for an hour (a hung device);
+- a batch of more than `oom_above_tokens` padded tokens raises torch.OutOfMemoryError.
+"""
+
+import time
+
+import torch
+from transformers import BertModel
+
+
+class FaultyBertModel(BertModel):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        config = self.config
+        if input_ids is not None:
+            if (input_ids == config.boom_token_id).any():
+                raise RuntimeError("faulty model: the word 'boom' was in the batch")
+            if (input_ids == config.vanish_token_id).any():
+                raise SystemExit("faulty model: the word 'vanish' ends the model thread")
+            if (input_ids == config.freeze_token_id).any():
+                time.sleep(3600)
+            limit = getattr(config, "oom_above_tokens", 0)
+            if limit and input_ids.numel() > limit:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate a batch of {input_ids.numel()} tokens (limit {limit})"
+                )
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+'''
+
+
+def build_faulty_embedder(folder: Path, oom_above_tokens: int = 0) -> Path:
+    """A sentence-transformers folder whose model is `FaultyBertModel` from its own modeling file."""
+    import json
+    import shutil
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    base = folder.parent / (folder.name + "-base")
+    base.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "boom", "vanish", "freeze"]
+    (base / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(base / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    _widen(BertModel(config).eval(), 0.3).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (base / "modeling_faulty.py").write_text(FAULTY_MODELING)
+    saved = json.loads((base / "config.json").read_text())
+    saved.update(architectures=["FaultyBertModel"], auto_map={"AutoModel": "modeling_faulty.FaultyBertModel"},
+                 boom_token_id=tokenizer.convert_tokens_to_ids("boom"),
+                 vanish_token_id=tokenizer.convert_tokens_to_ids("vanish"),
+                 freeze_token_id=tokenizer.convert_tokens_to_ids("freeze"), oom_above_tokens=oom_above_tokens)
+    (base / "config.json").write_text(json.dumps(saved, indent=2))
+    transformer = Transformer(str(base), max_seq_length=512, model_args={"trust_remote_code": True},
+                              config_args={"trust_remote_code": True})
+    st = SentenceTransformer(modules=[transformer, Pooling(32), Normalize()], device="cpu")
+    st.save(str(folder))
+    shutil.copy(base / "modeling_faulty.py", folder / "modeling_faulty.py")
+    assert type(SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)[0].auto_model).__name__ == \
+        "FaultyBertModel", "the saved folder must load the custom model class"
+    return folder

@@ -49,7 +49,8 @@ def test_openai_sdk_float_vectors_equal_sentence_transformers(client, st_model):
 
 def test_usage_counts_tokenizer_tokens(client, st_model):
     res = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS[:3])
-    tokens = sum(len(st_model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in TEXTS[:3])
+    # The tokens the model read: special tokens included, after truncation (API.md).
+    tokens = sum(len(st_model.tokenize([t])["input_ids"][0]) for t in TEXTS[:3])
     assert res.usage.prompt_tokens == tokens == res.usage.total_tokens
     assert tokens != sum(len(t) for t in TEXTS[:3])
 

@@ -1,0 +1,522 @@
+"""The batch loop around one model replica: token budgets, fairness, fault containment, OOM splits.
+
+Infinity's model replicas stay the runners (`encode_pre` tokenizes, `encode_core` runs the forward
+pass, `encode_post` post-processes); this module replaces Infinity's batch handler around them:
+
+- Each request is tokenized once, by the replica's own `encode_pre`, in the tokenizer thread. Its
+  items are kept unpadded with their lengths: those give `usage` and each batch's padded size.
+- The forward thread forms batches by taking the requests' items in turns (one item of each
+  request per round, small requests first), up to the batch size and the token budget (padded
+  tokens, as the forward pass pays them), re-pads them and runs the replica.
+- Hand-offs are a queue and a condition variable: nothing sleeps on a timer.
+- A batch that raises fails only the request that raises: the batch is bisected by request until
+  the failing one is alone. Out of memory splits the batch in halves down to one item, and the
+  token budget shrinks below the size that failed (it grows back after a run of good batches).
+- The registry's watchdog asks `dead_loops()` (a loop that died is restarted with `restart()`)
+  and `stalled_for()` (no progress with work waiting: the model is taken out of service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runners import metrics
+from runners.errors import ModelError, OutOfMemory, ServiceError, Unavailable
+
+log = logging.getLogger("embed_rerank.scheduler")
+
+TOKENIZE_CHUNK = 128  # texts per encode_pre call: a bulk request does not hold the tokenizer for long
+SMALL_REQUEST_ITEMS = 8  # requests with at most this many items go first in every round
+GROW_AFTER_BATCHES = 64  # good batches in a row before a shrunken token budget grows by a quarter
+OOM_MEMORY_S = 600.0  # for this long after an OOM the budget stays below the size that failed
+_OOM_PHRASES = ("out of memory", "failed to allocate memory", "cannot allocate memory", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, MemoryError, or an allocator error of CUDA, MPS, CPU or ONNX Runtime."""
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return any(phrase in text for phrase in _OOM_PHRASES)
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        mps.empty_cache()
+
+
+class FeatureCodec:
+    """Splits what `encode_pre` returns into unpadded rows and pads chosen rows back into a batch.
+
+    Learned from the replica itself with a probe of two inputs of different lengths: which side it
+    pads, and the pad value of every feature (input_ids, attention_mask, token_type_ids, ...). The
+    re-padded batch is exactly what `encode_pre` would return for those inputs together.
+    """
+
+    def __init__(self, replica: Any, probe: Sequence[Any]) -> None:
+        features = replica.encode_pre(list(probe))
+        if "attention_mask" not in features:
+            raise TypeError(f"{type(replica).__name__}.encode_pre returns no attention_mask: it cannot be batched here")
+        mask = features["attention_mask"]
+        self.is_torch = type(mask).__module__.startswith("torch")
+        lengths = [int(n) for n in mask.sum(1).tolist()]
+        width = int(mask.shape[1])
+        short = lengths.index(min(lengths))
+        if min(lengths) == width:
+            raise ValueError(f"{type(replica).__name__}: the probe inputs tokenized to the same length")
+        self.pad_left = int(mask[short][0]) == 0
+        pad_at = 0 if self.pad_left else width - 1
+        self.pad_values: dict[str, Any] = {}
+        self.dtypes: dict[str, Any] = {}
+        for key, value in features.items():
+            if getattr(value, "ndim", None) != 2 or tuple(value.shape) != (len(lengths), width):
+                raise TypeError(f"{type(replica).__name__}.encode_pre gives {key!r} of shape "
+                                f"{getattr(value, 'shape', '?')}: only [batch, tokens] features can be batched here")
+            self.pad_values[key] = value[short][pad_at].item()
+            self.dtypes[key] = value.dtype
+
+    def split(self, features: Any) -> list[tuple[dict[str, Any], int]]:
+        """One (features, length) per row, without the padding."""
+        mask = features["attention_mask"]
+        width = int(mask.shape[1])
+        keys = list(self.pad_values)
+        rows = []
+        for i, n in enumerate(int(x) for x in mask.sum(1).tolist()):
+            cut = slice(width - n, width) if self.pad_left else slice(0, n)
+            rows.append(({k: features[k][i, cut] for k in keys}, n))
+        return rows
+
+    def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if len(rows) == 1:
+            return {k: v[None] for k, v in rows[0].items()}
+        if self.is_torch:
+            from torch.nn.utils.rnn import pad_sequence
+
+            side = "left" if self.pad_left else "right"
+            return {k: pad_sequence([r[k] for r in rows], batch_first=True, padding_value=pad, padding_side=side)
+                    for k, pad in self.pad_values.items()}
+        import numpy as np
+
+        width = max(len(r["attention_mask"]) for r in rows)
+        out = {}
+        for k, pad in self.pad_values.items():
+            arr = np.full((len(rows), width), pad, dtype=self.dtypes[k])
+            for i, r in enumerate(rows):
+                n = len(r[k])
+                if self.pad_left:
+                    arr[i, width - n:] = r[k]
+                else:
+                    arr[i, :n] = r[k]
+            out[k] = arr
+        return out
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: int
+    priority: int
+    inputs: Sequence[Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    results: list[Any]
+    remaining: int
+    usage: int = 0
+    tokenized: int = 0  # inputs handed to encode_pre so far
+    ready: deque = field(default_factory=deque)  # (index, features, length), tokenized and not yet batched
+    active: bool = False  # listed in the scheduler's active requests
+    done: bool = False  # answered, failed or given up by its caller
+
+
+@dataclass(eq=False)
+class _Item:
+    request: _Request
+    index: int
+    features: dict[str, Any]
+    length: int
+
+
+def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class TokenBudget:
+    """Padded tokens per batch: the configured limit, lowered after an out-of-memory error.
+
+    After an OOM at T padded tokens the budget drops to T/2 and stays below T for OOM_MEMORY_S;
+    every GROW_AFTER_BATCHES good batches it grows by a quarter, up to that ceiling or the limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.current = limit
+        self.last_oom_tokens: int | None = None
+        self._ceiling = limit
+        self._ceiling_until = 0.0
+        self._good = 0
+
+    def shrink(self, failed_tokens: int) -> None:
+        self.last_oom_tokens = failed_tokens
+        self.current = max(1, min(self.current, failed_tokens // 2))
+        self._ceiling = max(1, failed_tokens - 1)
+        self._ceiling_until = time.monotonic() + OOM_MEMORY_S
+        self._good = 0
+
+    def succeeded(self) -> None:
+        if self.current >= self.limit:
+            return
+        self._good += 1
+        if self._good < GROW_AFTER_BATCHES:
+            return
+        self._good = 0
+        ceiling = self._ceiling if time.monotonic() < self._ceiling_until else self.limit
+        self.current = max(self.current, min(ceiling, self.limit, int(self.current * 1.25) + 1))
+
+
+class ModelScheduler:
+    """Batches, runs and answers the requests of one model replica (see the module docstring)."""
+
+    def __init__(self, replica: Any, *, name: str, max_batch_size: int, max_batch_tokens: int,
+                 probe: Sequence[Any], restarts_allowed: int = 3, restart_window_s: float = 60.0) -> None:
+        self.replica = replica
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.budget = TokenBudget(max_batch_tokens)
+        self.codec = FeatureCodec(replica, probe)
+        self.restarts_allowed = restarts_allowed
+        self.restart_window_s = restart_window_s
+        self.dead_reason: str | None = None
+        self.counters = {"batches": 0, "batch_failures": 0, "oom_splits": 0, "restarts": 0}
+        self._inbox: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._backlog: list[_Request] = []  # the tokenizer thread's own: requests not fully tokenized
+        self._cond = threading.Condition()
+        self._active: list[_Request] = []  # requests with tokenized items waiting for a batch
+        self._pending = 0  # items in the active requests' `ready` queues
+        self._seq = itertools.count()
+        self._stopping = False
+        self._busy_since: float | None = None
+        self._running: list[_Item] = []  # the batch in the forward pass now
+        self._last_progress = time.monotonic()
+        self._restart_times: deque[float] = deque()
+        self._threads: dict[str, threading.Thread] = {}
+        self._batch_histogram = metrics.BATCH_SIZE.labels(name)
+        self._tokens_histogram = metrics.BATCH_TOKENS.labels(name)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self._stopping = False
+        for role in ("tokenizer", "forward"):
+            self._spawn(role)
+
+    def _spawn(self, role: str) -> None:
+        target = self._tokenize_loop if role == "tokenizer" else self._forward_loop
+        thread = threading.Thread(target=target, name=f"{role}:{self.name}", daemon=True)
+        self._threads[role] = thread
+        thread.start()
+
+    def stop(self, reason: str = "the server is shutting down") -> None:
+        """Stop both loops and fail every request still waiting (503)."""
+        self._stopping = True
+        self._inbox.put(None)
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads.values():
+            thread.join(timeout=5)
+        self._fail_all(Unavailable(f"model {self.name!r} stopped: {reason}"))
+
+    def kill(self, reason: str) -> None:
+        """Out of service for good: refuse new requests and fail the waiting ones. Threads that hang
+        inside the model cannot be stopped; the process is expected to exit soon after."""
+        self.dead_reason = reason
+        self._stopping = True
+        self._inbox.put(None)
+        with self._cond:
+            self._cond.notify_all()
+        self._fail_all(Unavailable(f"model {self.name!r} is out of service ({reason}); the server is restarting"))
+
+    def _fail_all(self, error: ServiceError) -> None:
+        waiting = list(self._backlog)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                waiting.append(item)
+        with self._cond:
+            waiting += self._active
+            waiting += [item.request for item in self._running]
+            self._active = []
+            self._pending = 0
+        for request in waiting:
+            self._fail(request, error)
+
+    def stalled_for(self) -> float:
+        """Seconds the forward loop has gone without progress while work waits (0 when idle or moving)."""
+        now = time.monotonic()
+        if self._busy_since is not None:
+            return now - self._busy_since
+        if self._pending:
+            return now - self._last_progress
+        return 0.0
+
+    def dead_loops(self) -> list[str]:
+        if self._stopping:
+            return []
+        return [role for role, thread in self._threads.items() if not thread.is_alive()]
+
+    def restart(self, roles: list[str]) -> bool:
+        """Start the loops that died again; False once more than `restarts_allowed` restarts fell in
+        the last `restart_window_s` seconds (the model keeps dying: give up)."""
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > self.restart_window_s:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= self.restarts_allowed:
+            return False
+        self._restart_times.append(now)
+        for role in roles:
+            self._spawn(role)
+        self.counters["restarts"] += 1
+        metrics.LOOP_RESTARTS.labels(self.name).inc()
+        return True
+
+    @property
+    def queued(self) -> int:
+        return self._pending
+
+    # ---- the front: called on the event loop ----
+
+    async def run(self, inputs: Sequence[Any]) -> tuple[list[Any], int]:
+        """Results of the replica for `inputs`, in order, and the tokens the model read."""
+        if self.dead_reason is not None:
+            raise Unavailable(f"model {self.name!r} is out of service ({self.dead_reason}); the server is restarting")
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            seq=next(self._seq), priority=0 if len(inputs) <= SMALL_REQUEST_ITEMS else 1, inputs=inputs, loop=loop,
+            future=loop.create_future(), results=[None] * len(inputs), remaining=len(inputs),
+        )
+        self._inbox.put(request)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            request.done = True  # its items still queued are dropped when a batch meets them
+            raise
+
+    # ---- the tokenizer thread ----
+
+    def _tokenize_loop(self) -> None:
+        request: _Request | None = None
+        try:
+            while not self._stopping:
+                if not self._backlog:
+                    incoming = self._inbox.get()
+                    if incoming is None:
+                        return
+                    self._backlog.append(incoming)
+                while True:
+                    try:
+                        incoming = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if incoming is None:
+                        return
+                    self._backlog.append(incoming)
+                self._backlog.sort(key=lambda r: (r.priority, r.seq))
+                request = self._backlog[0]
+                if not request.done:
+                    self._tokenize_chunk(request)
+                if request.done or request.tokenized >= len(request.inputs):
+                    self._backlog.pop(0)
+                request = None
+        except BaseException as exc:
+            if request is not None:
+                if request in self._backlog:
+                    self._backlog.remove(request)
+                self._fail(request, ModelError(f"model {self.name!r}: the tokenizer loop died on this request "
+                                               f"({type(exc).__name__}: {exc})"))
+            log.exception("model %s: tokenizer loop died", self.name)
+            raise
+
+    def _tokenize_chunk(self, request: _Request) -> None:
+        start = request.tokenized
+        chunk = request.inputs[start:start + TOKENIZE_CHUNK]
+        try:
+            rows = self.codec.split(self.replica.encode_pre(list(chunk)))
+        except Exception as exc:
+            log.warning("model %s: tokenizing a request failed: %s: %s", self.name, type(exc).__name__, exc)
+            self._fail(request, ModelError(f"model {self.name!r} could not tokenize this request: "
+                                           f"{type(exc).__name__}: {exc}"))
+            return
+        order = sorted(range(len(rows)), key=lambda i: rows[i][1])
+        with self._cond:
+            if request.done:
+                return
+            request.usage += sum(n for _, n in rows)
+            request.tokenized += len(chunk)
+            request.ready.extend((start + i, rows[i][0], rows[i][1]) for i in order)
+            self._pending += len(rows)
+            if not request.active:
+                request.active = True
+                self._active.append(request)
+            self._cond.notify()
+
+    # ---- the forward thread ----
+
+    def _take_batch(self) -> list[_Item]:
+        """Items of the active requests in turns, small requests first, within both limits."""
+        live = []
+        for request in self._active:
+            if request.done:
+                self._pending -= len(request.ready)
+                request.ready.clear()
+            if request.ready:
+                live.append(request)
+            else:
+                request.active = False
+        live.sort(key=lambda r: (r.priority, r.seq))
+        batch: list[_Item] = []
+        width = 0
+        budget = self.budget.current
+        taking = True
+        while taking and len(batch) < self.max_batch_size:
+            taking = False
+            for request in live:
+                if not request.ready or len(batch) >= self.max_batch_size:
+                    continue
+                index, features, length = request.ready[0]
+                if batch and max(width, length) * (len(batch) + 1) > budget:
+                    continue
+                request.ready.popleft()
+                batch.append(_Item(request, index, features, length))
+                width = max(width, length)
+                taking = True
+        self._pending -= len(batch)
+        self._active = [r for r in live if r.ready]
+        for request in live:
+            request.active = bool(request.ready)
+        return batch
+
+    def _forward_loop(self) -> None:
+        batch: list[_Item] = []
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and self._pending <= 0:
+                        self._last_progress = time.monotonic()
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    batch = self._take_batch()
+                if not batch:
+                    continue
+                self._busy_since = time.monotonic()
+                self._running = batch
+                self._run(batch)
+                self._running = []
+                self._busy_since = None
+                self._last_progress = time.monotonic()
+                batch = []
+        except BaseException as exc:
+            self._busy_since = None
+            self._running = []
+            error = ModelError(f"model {self.name!r}: the batch loop died on this batch ({type(exc).__name__}: {exc})")
+            for item in batch:
+                self._fail(item.request, error)
+            log.exception("model %s: batch loop died", self.name)
+            raise
+
+    def _forward(self, batch: Sequence[_Item]) -> Any:
+        features = self.codec.collate([item.features for item in batch])
+        return self.replica.encode_post(self.replica.encode_core(features))
+
+    def _run(self, batch: list[_Item]) -> None:
+        batch = [item for item in batch if not item.request.done]
+        if not batch:
+            return
+        padded = len(batch) * max(item.length for item in batch)
+        try:
+            results = self._forward(batch)
+        except Exception as exc:  # noqa: BLE001 - any failure of the model is contained to this batch
+            self._recover(batch, padded, exc)
+            return
+        self.counters["batches"] += 1
+        self._batch_histogram.observe(len(batch))
+        self._tokens_histogram.observe(padded)
+        self.budget.succeeded()
+        for item, result in zip(batch, results):
+            request = item.request
+            if request.done:
+                continue
+            request.results[item.index] = result
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.done = True
+                request.loop.call_soon_threadsafe(_settle, request.future, (request.results, request.usage))
+
+    def _recover(self, batch: list[_Item], padded: int, exc: Exception) -> None:
+        if is_out_of_memory(exc):
+            _free_device_memory()
+            self.budget.shrink(padded)
+            self.counters["oom_splits"] += 1
+            metrics.OOM_SPLITS.labels(self.name).inc()
+            log.warning("model %s: out of memory on %d items (%d padded tokens); token budget now %d",
+                        self.name, len(batch), padded, self.budget.current)
+            if len(batch) == 1:
+                item = batch[0]
+                self._fail(item.request, OutOfMemory(
+                    f"input {item.index} has {item.length} tokens, and model {self.name!r} ran out of memory on it "
+                    f"alone (batches now stay under {self.budget.current} padded tokens): send a shorter text, "
+                    "or fewer tokens with max_tokens_per_doc / a smaller truncation window",
+                    param="input",
+                ))
+                return
+            batch.sort(key=lambda item: item.length)
+            half = len(batch) // 2
+            self._run(batch[:half])
+            self._run(batch[half:])
+            return
+        self.counters["batch_failures"] += 1
+        metrics.BATCH_FAILURES.labels(self.name).inc()
+        requests = list(dict.fromkeys(item.request for item in batch))
+        if len(requests) > 1:
+            # Find the request that raises: the others of this batch are answered.
+            first = set(requests[: len(requests) // 2])
+            self._run([item for item in batch if item.request in first])
+            self._run([item for item in batch if item.request not in first])
+            return
+        log.warning("model %s failed on a batch of %d items: %s: %s", self.name, len(batch), type(exc).__name__, exc,
+                    exc_info=exc)
+        self._fail(requests[0], ModelError(f"model {self.name!r} failed on this request: {type(exc).__name__}: {exc}"))
+
+    def _fail(self, request: _Request, error: ServiceError) -> None:
+        if request.done:
+            return
+        request.done = True
+        request.loop.call_soon_threadsafe(_settle, request.future, None, error)

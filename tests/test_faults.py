@@ -1,0 +1,233 @@
+"""Faults made to happen: a model that raises, runs out of memory, kills its loop or hangs.
+
+The model is a real folder with custom code (`tests/checkpoints.py:build_faulty_embedder`, loaded
+with trust_remote_code like any hub model with its own modeling file), served by a real
+`bentoml serve`; the scheduler tests drive the same replica in-process to pin down batch shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+from conftest import Server
+
+import checkpoints
+
+OOM_LIMIT = 300  # padded tokens per batch above which the faulty model raises torch.OutOfMemoryError
+LONG_TEXT = " ".join(["cat"] * 400)  # 402 tokens: cannot fit even alone
+
+
+@pytest.fixture(scope="module")
+def faulty_folder(tmp_path_factory) -> str:
+    return str(checkpoints.build_faulty_embedder(tmp_path_factory.mktemp("faulty") / "faulty-embedder",
+                                                 oom_above_tokens=OOM_LIMIT))
+
+
+@pytest.fixture(scope="module")
+def faulty_server(start_server, faulty_folder) -> Server:
+    return start_server({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty", "BATCH_SIZES": "32"})
+
+
+def _embed(url: str, text: str, timeout: float = 30) -> tuple[int, dict, float]:
+    started = time.monotonic()
+    res = httpx.post(url + "/v1/embeddings", json={"model": "faulty", "input": [text]}, timeout=timeout)
+    return res.status_code, res.json(), time.monotonic() - started
+
+
+def _stats(url: str) -> dict:
+    return httpx.get(url + "/v1/models").json()["data"][0]
+
+
+def test_a_raising_request_fails_alone_at_once(faulty_server):
+    url = faulty_server.url
+    texts = [f"the cat sat on the mat {i}" for i in range(40)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        normal = [pool.submit(_embed, url, t) for t in texts[:20]]
+        bad = pool.submit(_embed, url, "boom goes the model")
+        normal += [pool.submit(_embed, url, t) for t in texts[20:]]
+        status, body, seconds = bad.result()
+        others = [f.result() for f in normal]
+    assert status == 500 and seconds <= 2, (status, seconds)
+    assert body["error"]["code"] == "model_error"
+    assert "RuntimeError: faulty model: the word 'boom' was in the batch" in body["error"]["message"]
+    assert [s for s, _, _ in others] == [200] * len(others)
+    # The model keeps serving, and health is honest about it.
+    assert all(_embed(url, t)[0] == 200 for t in texts[:5])
+    assert httpx.get(url + "/readyz").status_code == 200
+    assert _stats(url)["stats"]["batch_failures"] >= 1
+
+
+def test_out_of_memory_fails_only_the_item_that_cannot_fit(faulty_server):
+    url = faulty_server.url
+    short = [f"the dog sat {i}" for i in range(31)]
+    with cf.ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_embed, url, t) for t in short[:15]]
+        long = pool.submit(_embed, url, LONG_TEXT)
+        futures += [pool.submit(_embed, url, t) for t in short[15:]]
+        answers = [f.result() for f in futures]
+        status, body, _ = long.result()
+    assert [s for s, _, _ in answers] == [200] * 31
+    assert status == 507 and body["error"]["code"] == "out_of_memory"
+    message = body["error"]["message"]
+    assert "has 402 tokens" in message and "ran out of memory on it alone" in message and "padded tokens" in message
+    stats = _stats(url)
+    assert stats["stats"]["oom_splits"] >= 1 and stats["batch_tokens_now"] < stats["max_batch_tokens"]
+    assert _embed(url, "the cat is back")[0] == 200
+
+
+def test_a_loop_that_dies_is_restarted(faulty_server):
+    url = faulty_server.url
+    status, body, seconds = _embed(url, "vanish now")
+    assert status == 500 and body["error"]["code"] == "model_error" and "SystemExit" in body["error"]["message"]
+    assert seconds <= 2
+    deadline = time.monotonic() + 10
+    while _stats(url)["stats"]["restarts"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _stats(url)["stats"]["restarts"] == 1
+    assert all(_embed(url, f"the cat is fine {i}")[0] == 200 for i in range(5))
+    assert httpx.get(url + "/readyz").status_code == 200 and httpx.get(url + "/livez").status_code == 200
+    metrics = httpx.get(url + "/metrics").text
+    assert 'embed_rerank_loop_restarts_total{model="faulty"} 1.0' in metrics
+    assert 'embed_rerank_oom_splits_total{model="faulty"}' in metrics
+
+
+def test_a_stalled_model_makes_health_fail_and_the_server_exit(tmp_path, faulty_folder):
+    server = Server({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty", "MODEL_STALL_TIMEOUT": "2"},
+                    tmp_path / "server.log")
+    try:
+        server.wait_ready()
+        with cf.ThreadPoolExecutor(2) as pool:
+            hung = pool.submit(_embed, server.url, "freeze please")
+            status, body, seconds = hung.result(timeout=20)
+            assert status == 503 and "out of service" in body["error"]["message"], body
+            assert "no progress" in body["error"]["message"] and seconds < 8
+            # Between the give-up and the exit, health says why.
+            for path in ("/livez", "/readyz"):
+                res = httpx.get(server.url + path, timeout=2)
+                assert res.status_code == 503 and "MODEL_STALL_TIMEOUT" in res.json()["reason"]
+        assert server.proc.wait(timeout=30) != 0
+        assert "out of service" in server.log()
+    finally:
+        server.stop()
+
+
+# ---- the scheduler in-process: exact batch shapes ----
+
+
+@pytest.fixture(scope="module")
+def faulty_model(faulty_folder):
+    from runners.engines import load_model
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty-local"})
+    return load_model(settings.models[0], settings)
+
+
+def _run_all(scheduler, requests: list[list[str]]) -> list:
+    """Tokenize every request first, then let the forward loop batch them all at once."""
+
+    async def go() -> list:
+        tasks = [asyncio.ensure_future(scheduler.run(texts)) for texts in requests]
+        await asyncio.sleep(0)
+        scheduler._spawn("tokenizer")
+        deadline = time.monotonic() + 20
+        while scheduler.queued < sum(len(r) for r in requests) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        scheduler._spawn("forward")
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        scheduler.stop()
+
+
+def test_oom_in_a_batch_of_32_answers_31(faulty_model):
+    from runners.errors import OutOfMemory
+    from runners.scheduler import ModelScheduler
+
+    scheduler = ModelScheduler(faulty_model.scheduler.replica, name="oom", max_batch_size=32, max_batch_tokens=1 << 20,
+                               probe=["a", "a b c d e f"])
+    texts = [[f"the dog sat {i}"] for i in range(31)]
+    texts.insert(7, [LONG_TEXT])
+    results = _run_all(scheduler, texts)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert len(failed) == 1 and isinstance(failed[0], OutOfMemory) and results[7] is failed[0]
+    assert "input 0 has 402 tokens" in failed[0].message
+    # 32 x 402 padded tokens failed, then halves down to the long text alone: the budget is now
+    # under the model's real limit, so the next batches do not fail.
+    assert scheduler.counters["oom_splits"] >= 2
+    assert scheduler.budget.current < OOM_LIMIT and scheduler.budget.last_oom_tokens == 402
+
+
+def test_a_bulk_request_shares_every_batch_with_small_ones(faulty_model):
+    from runners.scheduler import ModelScheduler
+
+    replica = faulty_model.scheduler.replica
+    scheduler = ModelScheduler(replica, name="fair", max_batch_size=8, max_batch_tokens=1 << 20,
+                               probe=["a", "a b c d e f"])
+    batches: list[int] = []
+    forward = replica.encode_core
+
+    def counting(features):
+        batches.append(len(features["input_ids"]))
+        return forward(features)
+
+    scheduler.replica = type("Spy", (), {"encode_pre": replica.encode_pre, "encode_core": staticmethod(counting),
+                                         "encode_post": replica.encode_post})()
+    bulk = [f"bulk text number {i} about the city" for i in range(64)]
+    queries = [[f"query {i}"] for i in range(3)]
+    order: list[str] = []
+    original_run = scheduler._run
+
+    def tracking(batch):
+        order.extend("q" if len(item.request.inputs) == 1 else "b" for item in batch)
+        return original_run(batch)
+
+    scheduler._run = tracking
+    results = _run_all(scheduler, [bulk, *queries])
+    assert not any(isinstance(r, BaseException) for r in results)
+    # The first batch holds the three queries (small requests first) and bulk items fill the rest.
+    assert order[:8].count("q") == 3 and batches[0] == 8
+    assert len(results[0][0]) == 64
+
+
+def test_token_budget_bounds_padded_batch_size(faulty_model):
+    from runners.scheduler import ModelScheduler
+
+    scheduler = ModelScheduler(faulty_model.scheduler.replica, name="budget", max_batch_size=64,
+                               max_batch_tokens=256, probe=["a", "a b c d e f"])
+    shapes: list[tuple[int, int]] = []
+    original = scheduler._forward
+
+    def spy(batch):
+        shapes.append((len(batch), max(item.length for item in batch)))
+        return original(batch)
+
+    scheduler._forward = spy
+    texts = [" ".join(["city"] * (5 + i % 40)) for i in range(100)]
+    (result,) = _run_all(scheduler, [texts])
+    vectors, usage = result
+    assert len(vectors) == 100 and usage == sum(7 + i % 40 for i in range(100))
+    assert all(n * width <= 256 for n, width in shapes if n > 1)
+    assert sum(n for n, _ in shapes) == 100
+
+
+def test_vectors_do_not_depend_on_batch_company(faulty_model):
+    """Re-padded rows give the vectors the replica gives each text alone."""
+    import numpy as np
+
+    replica = faulty_model.scheduler.replica
+    texts = ["a", "the cat sat on the mat", " ".join(["river"] * 30)]
+    alone = [replica.encode_post(replica.encode_core(replica.encode_pre([t])))[0] for t in texts]
+    from runners.scheduler import ModelScheduler
+
+    scheduler = ModelScheduler(replica, name="pad", max_batch_size=8, max_batch_tokens=1 << 20,
+                               probe=["a", "a b c d e f"])
+    ((vectors, _),) = _run_all(scheduler, [texts])
+    for got, want in zip(vectors, alone):
+        assert np.allclose(got, want, atol=1e-5)
