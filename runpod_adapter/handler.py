@@ -209,7 +209,14 @@ async def handler(job: dict[str, Any]) -> Any:
     except ServiceError as err:
         if err.status >= 500:
             log.warning("job %s failed: %s", _job_id(job), err.message)
-        return job_error(err)
+        output = job_error(err)
+        from runners.engines import HEALTH
+
+        if HEALTH.reason is not None:
+            # A model is out of service for good: RunPod replaces this worker after the job.
+            log.error("asking RunPod for a fresh worker: %s", HEALTH.reason)
+            output["refresh_worker"] = True
+        return output
     except ValidationError as exc:
         return job_error(from_validation_errors(list(exc.errors(include_url=False))))
     except Exception:

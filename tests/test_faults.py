@@ -231,3 +231,45 @@ def test_vectors_do_not_depend_on_batch_company(faulty_model):
     ((vectors, _),) = _run_all(scheduler, [texts])
     for got, want in zip(vectors, alone):
         assert np.allclose(got, want, atol=1e-5)
+
+
+# ---- the RunPod worker: the same containment, and a fresh worker once a model is out of service ----
+
+
+def test_runpod_job_that_raises_fails_and_the_worker_serves_on(tmp_path, faulty_folder):
+    from test_runpod_adapter import Worker
+
+    worker = Worker(tmp_path, {"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty"})
+    try:
+        worker.wait_up()
+        answer = worker.runsync({"input": ["the cat sat", "boom"]})
+        assert answer["status"] == "FAILED" and answer["error"].startswith("500 server_error: model 'faulty' failed")
+        assert "RuntimeError" in answer["error"]
+        answer = worker.runsync({"input": ["the cat sat", "the dog sat"]})
+        assert answer["status"] == "COMPLETED" and len(answer["output"]["data"]) == 2
+    finally:
+        worker.stop()
+
+
+def test_runpod_asks_for_a_fresh_worker_once_a_model_is_out_of_service(monkeypatch):
+    from runpod_adapter import handler
+
+    from runners.engines import HEALTH
+    from runners.errors import Unavailable
+
+    class DeadInference:
+        ready = True
+
+        async def embed(self, query):
+            raise Unavailable("model 'faulty' is out of service (a batch made no progress for 3s)")
+
+    class DeadService:
+        inference = DeadInference()
+
+    monkeypatch.setattr(handler, "get_service", lambda: DeadService())
+    monkeypatch.setattr(HEALTH, "reason", "model 'faulty' is out of service")
+    output = asyncio.run(handler.handler({"id": "j1", "input": {"input": "hello"}}))
+    assert output["refresh_worker"] is True and output["error"].startswith("503 server_error: model 'faulty'")
+    monkeypatch.setattr(HEALTH, "reason", None)
+    output = asyncio.run(handler.handler({"id": "j2", "input": {"input": "hello"}}))
+    assert "refresh_worker" not in output

@@ -185,6 +185,26 @@ def test_invalid_json_and_invalid_utf8(default_server):
             assert "JSON" in res.json()["error"]["message"]
 
 
+def test_a_lone_surrogate_is_the_clients_error(default_server):
+    """JSON may escape half a UTF-16 pair; no tokenizer can read it: a 4xx that names the place (the
+    native routes' strict JSON parser refuses it as invalid JSON, 422; the others get a 400)."""
+    bodies = {
+        "/v1/embeddings": b'{"input": ["fine", "bad \\ud800 text"]}',
+        "/embed": b'{"input": "\\udfff"}',
+        "/rerank": b'{"query": "q", "documents": ["ok", "x\\ud83d"]}',
+        "/v2/rerank": b'{"model": "all-MiniLM-L6-v2", "query": "\\ud800", "documents": ["ok"]}',
+    }
+    for route, raw in bodies.items():
+        res = httpx.post(default_server.url + route, content=raw, headers={"content-type": "application/json"})
+        assert res.status_code in (400, 422), (route, res.text)
+        message = res.json()["error"]["message"]
+        assert "surrogate" in message or "hex escape at line 1 column" in message, res.text
+    assert "'input[1]' holds a lone UTF-16 surrogate ('\\ud800') at character 4" in httpx.post(
+        default_server.url + "/v1/embeddings", content=bodies["/v1/embeddings"],
+        headers={"content-type": "application/json"}).json()["error"]["message"]
+    assert httpx.post(default_server.url + "/embed", json={"input": "still fine \U0001F600"}).status_code == 200
+
+
 def test_good_requests_succeed_while_bad_ones_arrive(default_server):
     def good(i: int) -> int:
         return httpx.post(default_server.url + "/embed", json={"input": [f"text {i}", "another"]}, timeout=60).status_code

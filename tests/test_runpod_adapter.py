@@ -56,7 +56,7 @@ def worker_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 class Worker:
     """`python -m runpod_adapter --rp_serve_api` in its own process group."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "worker.log"
@@ -64,7 +64,8 @@ class Worker:
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "runpod_adapter", "--rp_serve_api", "--rp_api_port", str(self.port),
              "--rp_api_host", "127.0.0.1"],
-            cwd=ROOT, env=worker_env(tmp), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT, env=worker_env(tmp, extra_env), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.client = httpx.Client(base_url=self.url, timeout=120)
 
