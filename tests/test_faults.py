@@ -11,11 +11,10 @@ import asyncio
 import concurrent.futures as cf
 import time
 
+import checkpoints
 import httpx
 import pytest
 from conftest import Server
-
-import checkpoints
 
 OOM_LIMIT = 300  # padded tokens per batch above which the faulty model raises torch.OutOfMemoryError
 LONG_TEXT = " ".join(["cat"] * 400)  # 402 tokens: cannot fit even alone
@@ -252,10 +251,9 @@ def test_runpod_job_that_raises_fails_and_the_worker_serves_on(tmp_path, faulty_
 
 
 def test_runpod_asks_for_a_fresh_worker_once_a_model_is_out_of_service(monkeypatch):
-    from runpod_adapter import handler
-
     from runners.engines import HEALTH
     from runners.errors import Unavailable
+    from runpod_adapter import handler
 
     class DeadInference:
         ready = True
