@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install install-test install-bench serve test lint bento image load-test bench cold-start runpod clean
+.PHONY: install install-test install-bench serve test lint bento image load-test bench cold-start soak runpod clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[test]"
 	touch $@
 
+# wrk (Debian's, C): bench.run's light load generator for its zero-cost rows; installed when we are root.
 install-bench: $(VENV)/.installed-bench
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1; }; }; } || \
+		echo "install-bench: wrk is not installed (apt-get install wrk, as root): bench.run will skip its wrk rows"
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
 	$(PIP) install --quiet -e ".[test,bench]"
@@ -69,6 +73,10 @@ bench: install-bench
 
 cold-start: install-test
 	$(BIN)/python -m load_tests.cold_start $(COLD_START_ARGS)
+
+# Worker memory under 150 s of mixed embed + rerank traffic (ALLOCATOR=system to compare).
+soak: install
+	$(BIN)/python -m load_tests.soak $(SOAK_ARGS)
 
 runpod: install
 	$(BIN)/python -m runpod_adapter $(RUNPOD_ARGS)

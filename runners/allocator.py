@@ -122,6 +122,11 @@ def choose(setting: str) -> Allocator:
     return Allocator("system", None, setting)
 
 
+def library_path(setting: str) -> str | None:
+    """The library to preload for `ALLOCATOR=setting`, or None for the system malloc."""
+    return choose(setting).path
+
+
 def _preload_entries(value: str) -> list[str]:
     # ld.so separates LD_PRELOAD entries by spaces or colons.
     return [part for part in re.split(r"[:\s]+", value) if part]

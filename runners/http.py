@@ -1,5 +1,6 @@
-"""ASGI pieces of the HTTP front door: auth, body size, and the OpenAI error envelope on every
-error BentoML answers by itself (schema validation, traffic limits, unknown paths)."""
+"""The HTTP front door around the routes (one ASGI middleware, `FrontDoor`): health, auth, body
+size, request ids and access logs, and the OpenAI error envelope on every error BentoML answers by
+itself (schema validation, traffic limits, unknown paths)."""
 
 from __future__ import annotations
 
@@ -76,70 +77,124 @@ def _envelope_for(status: int, body: bytes) -> ServiceError:
     return err
 
 
-class HealthMiddleware:
-    """`/livez` and `/readyz` answer 503 with the reason once a model is out of service (the
-    process exits soon after), so no orchestrator keeps sending traffic to a server that cannot
-    answer it; BentoML's own `/livez` would say 200."""
+class _BodyTooLarge(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp) -> None:
+
+async def _send_error(send: Send, err: ServiceError, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    metrics.record_error(err.type, err.status)
+    body = json.dumps(err.envelope()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    headers += extra_headers or []
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FrontDoor:
+    """Everything the service does around a request, in one ASGI pass (one layer instead of five,
+    measured in README, Performance):
+
+    - `/livez` and `/readyz` answer 503 with the reason once a model is out of service (the
+      process exits soon after; BentoML's own `/livez` would say 200);
+    - `API_KEY`: a Bearer token from it is needed on every route but health (and metrics);
+    - bodies over MAX_BODY_BYTES get a 413, by Content-Length or while they stream in;
+    - a request id (taken from `X-Request-ID` or made here, returned in that header) and one access
+      log line per request (JSON when LOG_FORMAT=json);
+    - error bodies that BentoML, Starlette or FastAPI answer by themselves (schema validation,
+      traffic limits, unknown paths) are rewritten into the OpenAI envelope;
+    - `/docs.json` documents the error responses this service really sends.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], metrics_public: bool, max_body_bytes: int) -> None:
         self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in HEALTH_PATHS:
-            from runners.engines import HEALTH
-
-            if HEALTH.reason is not None:
-                body = orjson.dumps({"status": "unavailable", "reason": HEALTH.reason})
-                await send({"type": "http.response.start", "status": 503,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
-class EnvelopeMiddleware:
-    """Rewrites non-envelope error bodies, and refuses bodies over MAX_BODY_BYTES with a 413."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.metrics_public = metrics_public
         self.max_body_bytes = max_body_bytes
 
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if not self.keys:
+            return True
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        token = token.strip()
+        # Compare against every key, always, so timing says nothing about which one nearly matched.
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return any(matches)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS or scope["path"] == "/metrics":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await _send_error(send, PayloadTooLarge(
-                f"the body has {int(length)} bytes; the limit is MAX_BODY_BYTES={self.max_body_bytes}: split the request",
-                code="body_too_large",
-            ))
+        path = scope["path"]
+        if path in HEALTH_PATHS:
+            await self._health(scope, receive, send)
             return
+        headers = dict(scope.get("headers") or [])
+        if path == "/metrics":
+            if self.metrics_public or self._authorized(headers):
+                await self.app(scope, receive, send)
+            else:
+                await _send_error(send, _unauthorized())
+            return
+        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        request_id = given if given.isprintable() and given else uuid.uuid4().hex
+        id_header = (b"x-request-id", request_id.encode("latin-1"))
+        started = time.perf_counter()
+        status = 500
+        try:
+            if not self._authorized(headers):
+                status = 401
+                await _send_error(send, _unauthorized(), [id_header])
+                return
+            length = headers.get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                status = 413
+                await _send_error(send, PayloadTooLarge(
+                    f"the body has {int(length)} bytes; the limit is MAX_BODY_BYTES={self.max_body_bytes}: "
+                    "split the request", code="body_too_large"), [id_header])
+                return
+            if path == "/docs.json":
+                status = await self._openapi(scope, receive, send, id_header)
+                return
+            status = await self._forward(scope, receive, send, id_header)
+        finally:
+            access_log.info(
+                "%s %s %d", scope["method"], path, status,
+                extra={"request_id": request_id, "method": scope["method"], "path": path, "status": status,
+                       "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
+            )
 
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes]) -> int:
+        """Run the app; pass successes through, put error bodies that are not envelopes into one."""
         received = 0
+        limit = self.max_body_bytes
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge()
             return message
 
-        start: Message | None = None
+        status = 500
+        error_start: Message | None = None
         chunks: list[bytes] = []
 
         async def wrapped_send(message: Message) -> None:
-            nonlocal start
+            nonlocal status, error_start
             if message["type"] == "http.response.start":
-                if message["status"] < 400:
+                status = message["status"]
+                if status < 400:
+                    message["headers"] = [*message.get("headers", []), id_header]
                     await send(message)
-                    return
-                start = message
+                else:
+                    error_start = message
                 return
-            if start is None:
+            if error_start is None:
                 await send(message)
                 return
             chunks.append(message.get("body", b""))
@@ -151,94 +206,57 @@ class EnvelopeMiddleware:
             except ValueError:
                 data = None
             if isinstance(data, dict) and isinstance(data.get("error"), dict):
-                await send(start)
+                error_start["headers"] = [*error_start.get("headers", []), id_header]
+                await send(error_start)
                 await send({"type": "http.response.body", "body": body})
                 return
-            await _send_error(send, _envelope_for(start["status"], body))
+            await _send_error(send, _envelope_for(status, body), [id_header])
 
         try:
             await self.app(scope, limited_receive, wrapped_send)
         except _BodyTooLarge:
+            status = 413
             await _send_error(send, PayloadTooLarge(
-                f"the body is over MAX_BODY_BYTES={self.max_body_bytes} bytes: split the request", code="body_too_large"
-            ))
+                f"the body is over MAX_BODY_BYTES={limit} bytes: split the request", code="body_too_large"
+            ), [id_header])
+        return status
 
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from runners.engines import HEALTH
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_error(send: Send, err: ServiceError) -> None:
-    metrics.record_error(err.type, err.status)
-    body = json.dumps(err.envelope()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class AuthMiddleware:
-    """`API_KEY` set: a Bearer token from it is needed on every route but health (and metrics)."""
-
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], metrics_public: bool) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in api_keys]
-        self.open_paths = HEALTH_PATHS + (("/metrics",) if metrics_public else ())
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        token = token.strip()
-        # Compare against every key, always, so timing says nothing about which one nearly matched.
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
-        return any(matches)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.keys or scope["type"] != "http" or scope["path"] in self.open_paths:
+        if HEALTH.reason is None:
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
-            await _send_error(send, Unauthorized(
-                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with a key from API_KEY"
-            ))
-            return
-        await self.app(scope, receive, send)
+        body = orjson.dumps({"status": "unavailable", "reason": HEALTH.reason})
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
+    async def _openapi(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes]) -> int:
+        start: Message = {}
+        chunks: list[bytes] = []
 
-class RequestLogMiddleware:
-    """One log line per request with a request id (taken from `X-Request-ID` or made here and
-    returned in that header), method, path, status and duration; JSON when LOG_FORMAT=json."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS or scope["path"] == "/metrics":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
-        request_id = given if given.isprintable() and given else uuid.uuid4().hex
-        started = time.perf_counter()
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
+        async def capture(message: Message) -> None:
+            nonlocal start
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
-            await send(message)
+                start = message
+            else:
+                chunks.append(message.get("body", b""))
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            access_log.info(
-                "%s %s %d", scope["method"], scope["path"], status,
-                extra={"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
-                       "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
-            )
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        status = start.get("status", 500)
+        if status == 200:
+            body = json.dumps(openapi_with_envelopes(json.loads(body))).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers += [(b"content-length", str(len(body)).encode()), id_header]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return status
+
+
+def _unauthorized() -> Unauthorized:
+    return Unauthorized("missing or wrong API key: send the header 'Authorization: Bearer <key>' with a key from API_KEY")
 
 
 access_log = logging.getLogger("embed_rerank.access")
@@ -310,33 +328,3 @@ def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:
                     "description": description, "content": {"application/json": {"schema": ref}},
                 }
     return doc
-
-
-class OpenAPIMiddleware:
-    """Serves BentoML's `/docs.json` with the error responses this service really sends."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/docs.json":
-            await self.app(scope, receive, send)
-            return
-        start: Message = {}
-        chunks: list[bytes] = []
-
-        async def capture(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start":
-                start = message
-            else:
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, capture)
-        body = b"".join(chunks)
-        if start.get("status") == 200:
-            body = json.dumps(openapi_with_envelopes(json.loads(body))).encode()
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": start.get("status", 500), "headers": headers})
-        await send({"type": "http.response.body", "body": body})

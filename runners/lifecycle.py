@@ -16,8 +16,9 @@ what is left and exits with the code.
 
 Why not simply SIGKILL the serving process: in a container it is PID 1, and the kernel drops every
 signal sent to PID 1 from inside its namespace unless PID 1 handles it, SIGKILL included; BentoML
-then restarts the failed worker forever. A handled signal is delivered. When nobody answers (a
-serving process that did not import service.py), the worker still falls back to SIGKILL.
+then restarts the failed worker forever (with BENTOML_CONTAINERIZED, as in the image, circus exits
+1 once its last worker is gone, without saying why). A handled signal is delivered. When nobody
+answers (a serving process that did not import service.py), the worker still falls back to SIGKILL.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def _kill_arbiter_and_exit(arbiter: int, exit_code: int) -> NoReturn:
         others = [p for p in psutil.Process(arbiter).children(recursive=True) if p.pid != os.getpid()]
     except psutil.Error:
         others = []
+    if path := os.environ.get(STOP_REQUEST_ENV):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     with contextlib.suppress(ProcessLookupError):
         os.kill(arbiter, signal.SIGKILL)
     # Workers run in sessions of their own: nothing else stops them once the serving process died.

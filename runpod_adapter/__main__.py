@@ -8,10 +8,11 @@ runpod's own command-line flags choose the mode:
 - otherwise: run the job of `--test_input JSON`, or of `test_input.json` in the working
   directory, and exit 0 when it succeeded, 1 when it failed.
 
-Start order: the network volume first (`volume.prepare_environment` rewrites `MODEL_NAMES`), then,
-when started as root with `RUN_AS_USER` set, the switch to that user, then `service` is imported
-(settings are read once; a bad value ends the process with one line), then runpod starts. Models
-load on the first job, inside the handler's event loop.
+Start order: the allocator first (the process re-executes itself once with it preloaded, see
+`preload_allocator`), then the network volume (`volume.prepare_environment` rewrites
+`MODEL_NAMES`), then, when started as root with `RUN_AS_USER` set, the switch to that user, then
+`service` is imported (settings are read once; a bad value ends the process with one line), then
+runpod starts. Models load on the first job, inside the handler's event loop.
 
 Infinity's engine threads are not daemons, so a process that leaves runpod with engines running
 would never exit: whatever way runpod returns (test job done, API server stopped, SIGTERM), the
@@ -55,8 +56,35 @@ def drop_privileges(user: str) -> None:
     log.info("serving as user %s (uid %d)", entry.pw_name, entry.pw_uid)
 
 
+# Set on the re-executed process: it never re-executes again, whether or not the preload took.
+REEXEC_ENV = "EMBED_RERANK_ALLOCATOR_REEXEC"
+
+
+def preload_allocator() -> None:
+    """Re-execute this process once with the allocator of `ALLOCATOR` preloaded.
+
+    The models run in this process, and a preload only acts when a process starts; the same
+    pid and arguments keep RunPod's (and Docker's) view of the worker unchanged.
+    """
+    from runners import allocator
+    from runners.settings import SettingsError
+
+    try:
+        chosen = allocator.choose(allocator.requested())
+    except SettingsError as exc:
+        raise SystemExit(f"configuration error: {exc}") from None
+    if chosen.path is None or allocator.is_mapped(chosen.path) or os.environ.get(REEXEC_ENV):
+        return  # importing `service` logs the allocator this process runs on (or why not)
+    allocator.preload(chosen)
+    os.environ[REEXEC_ENV] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
+    preload_allocator()
     from runpod_adapter import handler
     from runpod_adapter.volume import prepare_environment
 
