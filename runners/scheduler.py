@@ -218,6 +218,8 @@ class ModelScheduler:
         self._cond = threading.Condition()
         self._active: list[_Request] = []  # requests with tokenized items waiting for a batch
         self._pending = 0  # items in the active requests' `ready` queues
+        self._pending_tokens = 0  # and their tokens
+        self._tokenizer_busy = False
         self._seq = itertools.count()
         self._stopping = False
         self._busy_since: float | None = None
@@ -275,6 +277,7 @@ class ModelScheduler:
             waiting += [item.request for item in self._running]
             self._active = []
             self._pending = 0
+            self._pending_tokens = 0
         for request in waiting:
             self._fail(request, error)
 
@@ -332,13 +335,17 @@ class ModelScheduler:
     # ---- the tokenizer thread ----
 
     def _tokenize_loop(self) -> None:
-        request: _Request | None = None
+        parts: list[tuple[_Request, int, int]] = []
         try:
             while not self._stopping:
                 if not self._backlog:
+                    with self._cond:
+                        self._tokenizer_busy = False
+                        self._cond.notify()
                     incoming = self._inbox.get()
                     if incoming is None:
                         return
+                    self._tokenizer_busy = True
                     self._backlog.append(incoming)
                 while True:
                     try:
@@ -349,42 +356,65 @@ class ModelScheduler:
                         return
                     self._backlog.append(incoming)
                 self._backlog.sort(key=lambda r: (r.priority, r.seq))
-                request = self._backlog[0]
-                if not request.done:
-                    self._tokenize_chunk(request)
-                if request.done or request.tokenized >= len(request.inputs):
-                    self._backlog.pop(0)
-                request = None
+                parts = self._next_chunk()
+                self._tokenize(parts)
+                self._backlog = [r for r in self._backlog if not r.done and r.tokenized < len(r.inputs)]
+                parts = []
         except BaseException as exc:
-            if request is not None:
-                if request in self._backlog:
-                    self._backlog.remove(request)
+            for request, _, _ in parts:
                 self._fail(request, ModelError(f"model {self.name!r}: the tokenizer loop died on this request "
                                                f"({type(exc).__name__}: {exc})"))
+            self._backlog = [r for r in self._backlog if not r.done]
+            with self._cond:
+                self._tokenizer_busy = False
+                self._cond.notify()
             log.exception("model %s: tokenizer loop died", self.name)
             raise
 
-    def _tokenize_chunk(self, request: _Request) -> None:
-        start = request.tokenized
-        chunk = request.inputs[start:start + TOKENIZE_CHUNK]
+    def _next_chunk(self) -> list[tuple[_Request, int, int]]:
+        """(request, start, count) parts of the backlog, in priority order, up to TOKENIZE_CHUNK inputs:
+        many small requests are tokenized by one `encode_pre` call."""
+        parts, room = [], TOKENIZE_CHUNK
+        for request in self._backlog:
+            if request.done:
+                continue
+            count = min(len(request.inputs) - request.tokenized, room)
+            parts.append((request, request.tokenized, count))
+            room -= count
+            if room <= 0:
+                break
+        return parts
+
+    def _tokenize(self, parts: list[tuple[_Request, int, int]]) -> None:
+        inputs = [x for request, start, count in parts for x in request.inputs[start:start + count]]
         try:
-            rows = self.codec.split(self.replica.encode_pre(list(chunk)))
+            rows = self.codec.split(self.replica.encode_pre(inputs))
         except Exception as exc:
+            if len(parts) > 1:  # find the request that cannot be tokenized; the others go on
+                for part in parts:
+                    self._tokenize([part])
+                return
+            request = parts[0][0]
             log.warning("model %s: tokenizing a request failed: %s: %s", self.name, type(exc).__name__, exc)
             self._fail(request, ModelError(f"model {self.name!r} could not tokenize this request: "
                                            f"{type(exc).__name__}: {exc}"))
             return
-        order = sorted(range(len(rows)), key=lambda i: rows[i][1])
+        offset = 0
         with self._cond:
-            if request.done:
-                return
-            request.usage += sum(n for _, n in rows)
-            request.tokenized += len(chunk)
-            request.ready.extend((start + i, rows[i][0], rows[i][1]) for i in order)
-            self._pending += len(rows)
-            if not request.active:
-                request.active = True
-                self._active.append(request)
+            for request, start, count in parts:
+                mine = rows[offset:offset + count]
+                offset += count
+                if request.done:
+                    continue
+                request.usage += sum(n for _, n in mine)
+                request.tokenized = start + count
+                for i in sorted(range(count), key=lambda i: mine[i][1]):
+                    request.ready.append((start + i, mine[i][0], mine[i][1]))
+                self._pending += count
+                self._pending_tokens += sum(n for _, n in mine)
+                if not request.active:
+                    request.active = True
+                    self._active.append(request)
             self._cond.notify()
 
     # ---- the forward thread ----
@@ -395,6 +425,7 @@ class ModelScheduler:
         for request in self._active:
             if request.done:
                 self._pending -= len(request.ready)
+                self._pending_tokens -= sum(n for _, _, n in request.ready)
                 request.ready.clear()
             if request.ready:
                 live.append(request)
@@ -418,17 +449,26 @@ class ModelScheduler:
                 width = max(width, length)
                 taking = True
         self._pending -= len(batch)
+        self._pending_tokens -= sum(item.length for item in batch)
         self._active = [r for r in live if r.ready]
         for request in live:
             request.active = bool(request.ready)
         return batch
+
+    def _batch_ready(self) -> bool:
+        """Work is waiting, and either it fills a batch or the tokenizer has nothing more coming
+        right now: under load batches fill up, a lone request starts at once, nothing sleeps."""
+        if self._pending <= 0:
+            return False
+        return (not self._tokenizer_busy or self._pending >= self.max_batch_size
+                or self._pending_tokens >= self.budget.current)
 
     def _forward_loop(self) -> None:
         batch: list[_Item] = []
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and self._pending <= 0:
+                    while not self._stopping and not self._batch_ready():
                         self._last_progress = time.monotonic()
                         self._cond.wait()
                     if self._stopping:
