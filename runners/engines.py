@@ -32,7 +32,7 @@ log = logging.getLogger("embed_rerank.engines")
 
 EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
 # Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (README, Performance: the measurement).
-DEFAULT_BATCH_TOKENS = {"cpu": 4096, "gpu": 32768}
+DEFAULT_BATCH_TOKENS = {"cpu": 2048, "gpu": 32768}
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
 FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
 _PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads

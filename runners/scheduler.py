@@ -7,7 +7,8 @@ pass, `encode_post` post-processes); this module replaces Infinity's batch handl
   items are kept unpadded with their lengths: those give `usage` and each batch's padded size.
 - The forward thread forms batches by taking the requests' items in turns (one item of each
   request per round, small requests first), up to the batch size and the token budget (padded
-  tokens, as the forward pass pays them), re-pads them and runs the replica.
+  tokens, as the forward pass pays them), re-pads them and runs the replica. A batch with small
+  requests in it leaves out bulk items much longer than theirs (every other batch at most).
 - Hand-offs are a queue and a condition variable: nothing sleeps on a timer.
 - A batch that raises fails only the request that raises: the batch is bisected by request until
   the failing one is alone. Out of memory splits the batch in halves down to one item, and the
@@ -220,6 +221,7 @@ class ModelScheduler:
         self._pending = 0  # items in the active requests' `ready` queues
         self._pending_tokens = 0  # and their tokens
         self._tokenizer_busy = False
+        self._last_capped = False
         self._seq = itertools.count()
         self._stopping = False
         self._busy_since: float | None = None
@@ -435,6 +437,13 @@ class ModelScheduler:
         batch: list[_Item] = []
         width = 0
         budget = self.budget.current
+        # A batch that carries small requests takes no bulk item longer than twice their longest
+        # first item, so a query does not pay for a batch of long texts; every other batch is
+        # uncapped, so a stream of queries never starves a bulk request.
+        cap = None
+        if live and live[0].priority == 0 and not self._last_capped:
+            cap = 2 * max(r.ready[0][2] for r in live if r.priority == 0)
+        self._last_capped = cap is not None and any(r.priority > 0 for r in live)
         taking = True
         while taking and len(batch) < self.max_batch_size:
             taking = False
@@ -442,6 +451,8 @@ class ModelScheduler:
                 if not request.ready or len(batch) >= self.max_batch_size:
                     continue
                 index, features, length = request.ready[0]
+                if cap is not None and request.priority > 0 and length > cap:
+                    continue
                 if batch and max(width, length) * (len(batch) + 1) > budget:
                     continue
                 request.ready.popleft()
