@@ -1177,7 +1177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts.add_argument("--hol-texts", type=int, default=hol.BULK_TEXTS, help="texts in the bulk request (default 600)")
     parts.add_argument("--hol-words", type=int, default=hol.WORDS_PER_TEXT, help="words per bulk text (default 150)")
     parts.add_argument("--hol-rounds", type=int, default=None,
-                       help="bulk alone + bulk with queries, times, alternating which goes first (default 1 CPU, 3 GPU)")
+                       help="bulk alone + bulk with queries, times, alternating which goes first (default 2 CPU, 3 GPU)")
     parts.add_argument("--forward-runs", type=int, default=None, help="raw forward passes (default 200 CPU, 500 GPU)")
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.png")
@@ -1188,7 +1188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.matmul_n = args.matmul_n or (8192 if gpu else 2048)
     args.matmul_repeats = args.matmul_repeats or (20 if gpu else 8)
     args.forward_runs = args.forward_runs or (500 if gpu else 200)
-    args.hol_rounds = args.hol_rounds or (3 if gpu else 1)
+    args.hol_rounds = args.hol_rounds or (3 if gpu else 2)
     if args.backends is None:
         args.backends = [] if (gpu or args.quick or args.service_url) else list(BACKEND_VARIANTS)
     else:

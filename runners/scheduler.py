@@ -8,7 +8,7 @@ pass, `encode_post` post-processes); this module replaces Infinity's batch handl
 - The forward thread forms batches by taking the requests' items in turns (one item of each
   request per round, small requests first), up to the batch size and the token budget (padded
   tokens, as the forward pass pays them), re-pads them and runs the replica. A batch with small
-  requests in it leaves out bulk items much longer than theirs (every other batch at most).
+  requests in it leaves out bulk items much longer than theirs; bulk batches take turns with it.
 - Hand-offs are a queue and a condition variable: nothing sleeps on a timer.
 - A batch that raises fails only the request that raises: the batch is bisected by request until
   the failing one is alone. Out of memory splits the batch in halves down to one item, and the
@@ -37,7 +37,7 @@ from runners.errors import ModelError, OutOfMemory, ServiceError, Unavailable
 
 log = logging.getLogger("embed_rerank.scheduler")
 
-TOKENIZE_CHUNK = 128  # texts per encode_pre call: a bulk request does not hold the tokenizer for long
+TOKENIZE_CHUNK = 64  # texts per encode_pre call: a bulk request does not hold the tokenizer for long
 SMALL_REQUEST_ITEMS = 8  # requests with at most this many items go first in every round
 GROW_AFTER_BATCHES = 64  # good batches in a row before a shrunken token budget grows by a quarter
 OOM_MEMORY_S = 600.0  # for this long after an OOM the budget stays below the size that failed
@@ -221,7 +221,7 @@ class ModelScheduler:
         self._pending = 0  # items in the active requests' `ready` queues
         self._pending_tokens = 0  # and their tokens
         self._tokenizer_busy = False
-        self._last_capped = False
+        self._bulk_turn = False
         self._seq = itertools.count()
         self._stopping = False
         self._busy_since: float | None = None
@@ -435,19 +435,28 @@ class ModelScheduler:
                 request.active = False
         live.sort(key=lambda r: (r.priority, r.seq))
         batch: list[_Item] = []
+        if not live:
+            return batch
         width = 0
         budget = self.budget.current
-        # A batch that carries small requests takes no bulk item longer than twice their longest
-        # first item, so a query does not pay for a batch of long texts; every other batch is
-        # uncapped, so a stream of queries never starves a bulk request.
+        # While small and bulk requests both wait, batches take turns: a small requests' batch takes
+        # no bulk item longer than twice their longest first item (a query does not pay for a batch
+        # of long texts), then a bulk batch takes bulk items only (a stream of queries never starves
+        # a bulk request, and a query waits for at most that one batch).
         cap = None
-        if live and live[0].priority == 0 and not self._last_capped:
-            cap = 2 * max(r.ready[0][2] for r in live if r.priority == 0)
-        self._last_capped = cap is not None and any(r.priority > 0 for r in live)
+        candidates = live
+        if live[0].priority == 0 and live[-1].priority > 0:
+            if self._bulk_turn:
+                candidates = [r for r in live if r.priority > 0]
+            else:
+                cap = 2 * max(r.ready[0][2] for r in live if r.priority == 0)
+            self._bulk_turn = not self._bulk_turn
+        else:
+            self._bulk_turn = False
         taking = True
         while taking and len(batch) < self.max_batch_size:
             taking = False
-            for request in live:
+            for request in candidates:
                 if not request.ready or len(batch) >= self.max_batch_size:
                     continue
                 index, features, length = request.ready[0]
