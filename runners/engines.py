@@ -171,7 +171,6 @@ def _engine_args(spec: ModelSpec, settings: Settings) -> Any:
         trust_remote_code=settings.trust_remote_code,
         bettertransformer=False,  # breaks on current transformers, and SDPA is built in now
         model_warmup=False,  # the registry warms each model with one real request instead
-        lengths_via_tokenize=True,  # usage in tokenizer tokens, not characters
     )
 
 
