@@ -273,3 +273,32 @@ def test_runpod_asks_for_a_fresh_worker_once_a_model_is_out_of_service(monkeypat
     monkeypatch.setattr(HEALTH, "reason", None)
     output = asyncio.run(handler.handler({"id": "j2", "input": {"input": "hello"}}))
     assert "refresh_worker" not in output
+
+
+def test_token_budget_shrinks_after_oom_and_grows_back(monkeypatch):
+    from runners import scheduler
+
+    budget = scheduler.TokenBudget(4096)
+    budget.shrink(3000)
+    assert budget.current == 1500 and budget.last_oom_tokens == 3000
+    for _ in range(scheduler.GROW_AFTER_BATCHES * 10):
+        budget.succeeded()
+    assert budget.current == 2999  # grows back, but stays below the size that failed
+    later = scheduler.time.monotonic() + scheduler.OOM_MEMORY_S + 1
+    monkeypatch.setattr(scheduler.time, "monotonic", lambda: later)
+    for _ in range(scheduler.GROW_AFTER_BATCHES * 10):
+        budget.succeeded()
+    assert budget.current == 4096  # the memory of the OOM has passed: back to the configured limit
+
+
+def test_out_of_memory_is_recognised_by_type_and_message():
+    import torch
+
+    from runners.scheduler import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(Exception("onnxruntime: Failed to allocate memory for requested buffer of size 123"))
+    assert not is_out_of_memory(RuntimeError("faulty model: the word 'boom' was in the batch"))
