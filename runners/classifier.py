@@ -7,7 +7,6 @@ models) unless the request asks for raw scores.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ class LogitClassifier:
         ).to(self.device).eval()
         self.model_config = self.model.config
         self.max_length = int(min(self.tokenizer.model_max_length, 1 << 20))
-        self._length_tokenizer = copy.deepcopy(self.tokenizer)  # tokenize_lengths runs on another thread
         self.engine_args = engine_args
 
     def encode_pre(self, sentences: list[str]) -> dict[str, Any]:
@@ -47,7 +45,3 @@ class LogitClassifier:
 
     def encode_post(self, logits: Any) -> Any:
         return logits.numpy()
-
-    def tokenize_lengths(self, sentences: list[str]) -> list[int]:
-        encoded = self._length_tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in encoded["input_ids"]]

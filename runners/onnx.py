@@ -9,7 +9,6 @@ transformers pooling and normalization, so vectors match the torch path.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -122,7 +121,6 @@ class OnnxEmbedder:
         folder = local_folder(engine_args.model_name_or_path)
         self.pooling, self.normalize, max_len, self.prompts = _st_config(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._length_tokenizer = copy.deepcopy(self.tokenizer)  # tokenize_lengths runs on another thread
         self.max_seq_length = int(max_len or min(self.tokenizer.model_max_length, 8192))
         onnx_file = exported_model(engine_args.model_name_or_path, quantization, cache_dir)
         options = ort.SessionOptions()
@@ -165,8 +163,3 @@ class OnnxEmbedder:
         if self.normalize:
             pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled
-
-    def tokenize_lengths(self, sentences: list[str]) -> list[int]:
-        encoded = self._length_tokenizer(sentences, add_special_tokens=False, truncation=True,
-                                         max_length=self.max_seq_length)
-        return [len(ids) for ids in encoded["input_ids"]]

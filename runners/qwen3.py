@@ -8,7 +8,6 @@ batches it like any cross-encoder and the 151k-wide LM head is never computed.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -91,7 +90,6 @@ class Qwen3Reranker:
         self.suffix_ids = self.tokenizer(RERANK_SUFFIX, add_special_tokens=False)["input_ids"]
         self.max_length = RERANK_MAX_LENGTH
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._length_tokenizer = copy.deepcopy(self.tokenizer)  # tokenize_lengths runs on another thread
         self.engine_args = engine_args
 
     def prompt_ids(self, bodies: list[str]) -> list[list[int]]:
@@ -121,8 +119,3 @@ class Qwen3Reranker:
 
     def encode_post(self, out_features: Any) -> Any:
         return out_features.numpy()
-
-    def tokenize_lengths(self, sentences: list[str]) -> list[int]:
-        encoded = self._length_tokenizer(sentences, add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in encoded]
-
