@@ -25,7 +25,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runners.settings import ALLOCATORS, SettingsError
+from runners.settings import ALLOCATORS, SettingsError, parse_allocator
 
 JEMALLOC_SONAME = "libjemalloc.so.2"
 MIMALLOC_DIST = "cmeel-mimalloc"
@@ -53,13 +53,9 @@ class Allocator:
 
 
 def requested(env: Mapping[str, str] | None = None) -> str:
-    """The validated `ALLOCATOR` value (`auto` when unset); `load_settings` checks it the same way."""
+    """The validated `ALLOCATOR` value (`auto` when unset), as `load_settings` reads it."""
     env = os.environ if env is None else env
-    raw = env.get("ALLOCATOR", "")
-    value = raw.strip().lower() or "auto"
-    if value not in ALLOCATORS:
-        raise SettingsError(f"ALLOCATOR has {raw!r}, which is not one of: {', '.join(ALLOCATORS)}")
-    return value
+    return parse_allocator(env.get("ALLOCATOR", ""))
 
 
 def _multiarch_dirs() -> list[str]:

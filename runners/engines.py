@@ -380,9 +380,8 @@ class EngineRegistry:
                         continue
                     self._give_up(model, f"its batch loop died more than {scheduler.restarts_allowed} times "
                                          f"within {scheduler.restart_window_s:.0f}s")
-                elif scheduler.stalled_for() > stall:
-                    self._give_up(model, f"a batch made no progress for {scheduler.stalled_for():.0f}s "
-                                         f"(MODEL_STALL_TIMEOUT={stall:g})")
+                elif (stalled := scheduler.stalled_for()) > stall:
+                    self._give_up(model, f"a batch made no progress for {stalled:.0f}s (MODEL_STALL_TIMEOUT={stall:g})")
 
     def _give_up(self, model: LoadedModel, why: str) -> None:
         reason = f"model {model.name!r} is out of service: {why}"

@@ -22,6 +22,10 @@ from runners.schemas import ClassifyQuery, EmbedQuery, RerankQuery
 from runners.settings import Settings
 
 
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-logits))
+
+
 class InferenceService:
     def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
         self.settings = settings
@@ -185,7 +189,7 @@ class InferenceService:
         logits, usage = await self.registry.run(model, RERANK, [(query, d) for d in docs])
         values = np.asarray(logits, dtype=np.float64).reshape(len(docs))
         if not q.raw_scores:
-            values = 1 / (1 + np.exp(-values))
+            values = _sigmoid(values)
         return values.tolist(), int(usage)
 
     async def rerank(self, q: RerankQuery, shape: str = "native") -> dict[str, Any]:
@@ -243,7 +247,7 @@ class InferenceService:
         rows = np.asarray(np.stack(logits), dtype=np.float64)
         if not q.raw_scores:
             if model.multi_label:
-                rows = 1 / (1 + np.exp(-rows))
+                rows = _sigmoid(rows)
             else:
                 rows = np.exp(rows - rows.max(axis=1, keepdims=True))
                 rows /= rows.sum(axis=1, keepdims=True)

