@@ -1,7 +1,7 @@
 """The BentoML service: resources, traffic and typed routes, translated into the service methods.
 
-Native routes (`/embed`, `/rerank`, `/classify`) are BentoML APIs; the OpenAI, Jina/Cohere v1 and
-Cohere v2 routes are FastAPI apps mounted at `/v1` and `/v2`. Every route turns its body into the
+Native routes (`/embed`, `/rerank`, `/classify`, `/tokenize`) are BentoML APIs; the OpenAI,
+Jina/Cohere v1, Cohere v2 and TEI routes are FastAPI apps mounted at `/v1`, `/v2` and `/tei`. Every route turns its body into the
 one internal query of its capability and calls `InferenceService`, as the RunPod adapter does.
 Heavy imports (torch, infinity) happen in the worker's startup hook, not here: the serving
 process imports this module too.
@@ -21,20 +21,25 @@ from starlette.responses import JSONResponse, Response
 
 from runners import allocator, metrics
 from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, Unavailable, from_validation_errors
-from runners.http import FrontDoor, JSONBody, configure_logging
+from runners.http import FrontDoor, JSONBody, client_status_error, configure_logging
 from runners.inference import InferenceService
 from runners.lifecycle import install_in_arbiter, stop_server
 from runners.schemas import (
     ClassifyRequest,
+    CohereEmbedRequest,
     EmbeddingRequest,
     RerankRequest,
+    TeiRerankRequest,
+    TokenizeRequest,
     V1RerankRequest,
     V2RerankRequest,
+    cohere_to_embed_query,
     to_classify_query,
     to_embed_query,
     to_rerank_query,
 )
 from runners.settings import SettingsError, apply_offline_defaults, load_settings
+from runners.tei import build_tei_app, rerank_rows
 
 log = logging.getLogger("embed_rerank.service")
 
@@ -80,14 +85,15 @@ def _install_error_handlers(app: FastAPI) -> FastAPI:
         elif "parsing the body" in str(exc.detail):
             err = BadRequest("the request body is not valid JSON: send one UTF-8 encoded JSON object", code="invalid_json")
         else:
-            err = BadRequest(str(exc.detail))
+            err = client_status_error(exc.status_code, str(exc.detail))
         err.status = exc.status_code
         return error_response(err)
 
     return app
 
 
-API_ROUTES = ("/embed", "/rerank", "/classify", "/v1/embeddings", "/v1/rerank", "/v1/models", "/v2/rerank")
+API_ROUTES = ("/embed", "/rerank", "/classify", "/tokenize", "/v1/embeddings", "/v1/rerank", "/v1/models", "/v2/rerank",
+              "/v2/embed", "/tei")
 openai_app = _install_error_handlers(FastAPI(title="OpenAI, Jina and Cohere v1 compatible routes"))
 cohere_v2_app = _install_error_handlers(FastAPI(title="Cohere v2 compatible routes"))
 
@@ -132,6 +138,15 @@ async def v2_rerank(body: V2RerankRequest) -> Response:
     return await answer(lambda: inference().rerank(to_rerank_query(body), "v2"))
 
 
+@cohere_v2_app.post("/embed")
+async def v2_embed(body: CohereEmbedRequest) -> Response:
+    return await answer(lambda: inference().cohere_embed(cohere_to_embed_query(body)))
+
+
+tei_app = build_tei_app(inference)
+
+
+@bentoml.asgi_app(tei_app, path="/tei")
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.asgi_app(cohere_v2_app, path="/v2")
 @bentoml.service(
@@ -187,13 +202,24 @@ class EmbeddingService:
 
     @bentoml.api(route="/rerank", input_spec=RerankRequest)
     async def rerank(self, **params: Any) -> dict:
-        query = to_rerank_query(RerankRequest.model_construct(**params))
+        req = RerankRequest.model_construct(**params)
+        if req.documents is None:  # TEI's body: answered in TEI's shape (RerankRequest says why)
+            tei_body = TeiRerankRequest(query=req.query, texts=req.texts or [], raw_scores=req.raw_scores,
+                                        return_text=req.return_text, model=req.model)
+            return await answer(lambda: rerank_rows(self.inference, tei_body))  # errors: this route's envelope
+        query = to_rerank_query(req)
         return await answer(lambda: self.inference.rerank(query, "native"))
 
     @bentoml.api(route="/classify", input_spec=ClassifyRequest)
     async def classify(self, **params: Any) -> dict:
         query = to_classify_query(ClassifyRequest.model_construct(**params))
         return await answer(lambda: self.inference.classify(query))
+
+    @bentoml.api(route="/tokenize", input_spec=TokenizeRequest)
+    async def tokenize(self, **params: Any) -> dict:
+        req = TokenizeRequest.model_construct(**params)
+        texts = [req.input] if isinstance(req.input, str) else list(req.input)
+        return await answer(lambda: self.inference.tokenize(texts, req.model, req.add_special_tokens))
 
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from runners import metrics
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
 from runners.scheduler import ModelScheduler
+from runners.schemas import UNSPECIFIED_MODELS
 from runners.settings import ModelSpec, Settings
 
 log = logging.getLogger("embed_rerank.engines")
@@ -103,15 +104,35 @@ class LoadedModel:
         with self._tokenizer_lock:
             return self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
 
-    def decode(self, ids: list[list[int]]) -> list[str]:
+    def decode(self, ids: list[list[int]], skip_special: bool = True) -> list[str]:
         with self._tokenizer_lock:
-            return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special)
+
+    def token_details(self, texts: list[str], special: bool = True) -> list[list[dict[str, Any]]]:
+        """Per token: id, text (the input's characters, or the token itself for special tokens),
+        special, start and stop (character offsets), as TEI's `/tokenize` answers."""
+        with self._tokenizer_lock:
+            enc = self.tokenizer(texts, add_special_tokens=special, truncation=False, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True)
+            pieces = [self.tokenizer.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+        out = []
+        for text, ids, offsets, mask, tokens in zip(texts, enc["input_ids"], enc["offset_mapping"],
+                                                    enc["special_tokens_mask"], pieces):
+            row = []
+            for tid, (start, stop), is_special, token in zip(ids, offsets, mask, tokens):
+                spans = bool(stop > start) and not is_special
+                row.append({"id": tid, "text": text[start:stop] if spans else token, "special": bool(is_special),
+                            "start": start if spans else None, "stop": stop if spans else None})
+            out.append(row)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.name,
             "object": "model",
-            "owned_by": "embed-rerank",
+            # Infinity's generated client accepts only this value (an enum of one); the rest of the entry
+            # says what this service is.
+            "owned_by": "infinity",
             "created": self.created,
             "capabilities": sorted(self.capabilities),
             "rerank_via": self.rerank_via,
@@ -391,7 +412,19 @@ class EngineRegistry:
         if self.on_fatal is not None:
             asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, self.on_fatal, reason)
 
+    def find(self, name: str) -> LoadedModel:
+        """A model by any of its names, whatever it serves."""
+        for loaded in self.models:
+            if name in loaded.spec.names():
+                return loaded
+        if not self.ready:
+            raise Unavailable(f"model {name!r} is not loaded yet: retry when GET /readyz answers 200")
+        served = ", ".join(m.name for m in self.models)
+        raise ModelNotFound(f"model {name!r} is not served here; served models: {served}", param="model")
+
     def resolve(self, model: str | None, capability: str) -> LoadedModel:
+        if model in UNSPECIFIED_MODELS:
+            model = None
         if model:
             for loaded in self.models:
                 if model in loaded.spec.names():

@@ -26,6 +26,24 @@ class ServiceError(Exception):
     def envelope(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def tei(self) -> tuple[int, dict[str, Any]]:
+        """Status and body under `/tei`, as Text Embeddings Inference answers: `{"error", "error_type"}`
+        with TEI's statuses (validation 422, empty 400, overloaded 429, unhealthy 503, backend 424)."""
+        status = self.status
+        if self.code == "empty_input":
+            error_type, status = "Empty", 400
+        elif status == 429:
+            error_type = "Overloaded"
+        elif status == 503:
+            error_type = "Unhealthy"
+        elif status < 500:
+            error_type = "Validation"
+            status = 422 if status == 400 else status
+        else:
+            error_type = "Backend"
+            status = 424 if status in (500, 507) else status
+        return status, {"error": self.message, "error_type": error_type}
+
     def job_error(self) -> dict[str, Any]:
         """The RunPod job output: FAILED, with the same type, status and message as HTTP."""
         return {"error": f"{self.status} {self.type}: {self.message}", "status_code": self.status,

@@ -32,6 +32,7 @@ from runners.errors import (
 )
 
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+TEI_PREFIX = "/tei"  # Text Embeddings Inference's API lives under this prefix (runners.tei)
 
 
 class JSONBody(JSONResponse):
@@ -72,22 +73,49 @@ def _envelope_for(status: int, body: bytes) -> ServiceError:
         return OutOfMemory(text or "the model ran out of memory on this request")
     if status in (401, 403):
         return Unauthorized(text or "unauthorized")
+    if status < 500:
+        return client_status_error(status, text)
     err = InternalError(text or "the server failed on this request; the log has the traceback")
     err.status = status
     return err
+
+
+def client_status_error(status: int, text: str) -> ServiceError:
+    """Framework statuses (405, 415, 411, ...) are the client's doing: invalid_request_error, with a
+    code that names the status and a message that says what to send instead."""
+    code, hint = _CLIENT_STATUS_HINTS.get(status, (f"http_{status}", "check the method, path and headers"))
+    err = BadRequest(f"{text or 'the request was refused'}: {hint}", code=code)
+    err.status = status
+    return err
+
+
+_CLIENT_STATUS_HINTS = {
+    405: ("method_not_allowed", "this route takes another HTTP method (POST for the model routes, GET for "
+                                "/v1/models, /livez, /readyz, /metrics)"),
+    415: ("unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'"),
+    406: ("not_acceptable", "accept application/json"),
+    411: ("length_required", "send a Content-Length header"),
+}
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_error(send: Send, err: ServiceError, extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+def is_tei(path: str) -> bool:
+    return path == TEI_PREFIX or path.startswith(TEI_PREFIX + "/")
+
+
+async def _send_error(send: Send, err: ServiceError, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                      tei: bool = False) -> None:
+    """The error in the OpenAI envelope, or in TEI's body under `/tei`."""
     metrics.record_error(err.type, err.status)
-    body = json.dumps(err.envelope()).encode()
+    status, content = err.tei() if tei else (err.status, err.envelope())
+    body = json.dumps(content).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     headers += extra_headers or []
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -138,6 +166,11 @@ class FrontDoor:
             else:
                 await _send_error(send, _unauthorized())
             return
+        tei = is_tei(path)
+        if path == TEI_PREFIX:
+            # TEI's root route: `InferenceClient(base_url=".../tei")` posts to the prefix itself, which
+            # the mounted app sees as "/" (without this, Starlette would answer a redirect).
+            scope = dict(scope, path=TEI_PREFIX + "/", raw_path=(TEI_PREFIX + "/").encode())
         given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
         request_id = given if given.isprintable() and given else uuid.uuid4().hex
         id_header = (b"x-request-id", request_id.encode("latin-1"))
@@ -146,19 +179,19 @@ class FrontDoor:
         try:
             if not self._authorized(headers):
                 status = 401
-                await _send_error(send, _unauthorized(), [id_header])
+                await _send_error(send, _unauthorized(), [id_header], tei)
                 return
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 status = 413
                 await _send_error(send, PayloadTooLarge(
                     f"the body has {int(length)} bytes; the limit is MAX_BODY_BYTES={self.max_body_bytes}: "
-                    "split the request", code="body_too_large"), [id_header])
+                    "split the request", code="body_too_large"), [id_header], tei)
                 return
             if path == "/docs.json":
                 status = await self._openapi(scope, receive, send, id_header)
                 return
-            status = await self._forward(scope, receive, send, id_header)
+            status = await self._forward(scope, receive, send, id_header, tei)
         finally:
             access_log.info(
                 "%s %s %d", scope["method"], path, status,
@@ -166,8 +199,10 @@ class FrontDoor:
                        "duration_ms": round((time.perf_counter() - started) * 1000, 2)},
             )
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes]) -> int:
-        """Run the app; pass successes through, put error bodies that are not envelopes into one."""
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes],
+                       tei: bool = False) -> int:
+        """Run the app; pass successes through, put error bodies that are not envelopes (TEI's error body
+        under `/tei`) into one."""
         received = 0
         limit = self.max_body_bytes
 
@@ -205,12 +240,12 @@ class FrontDoor:
                 data = json.loads(body)
             except ValueError:
                 data = None
-            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            if isinstance(data, dict) and (isinstance(data.get("error"), dict) or (tei and "error_type" in data)):
                 error_start["headers"] = [*error_start.get("headers", []), id_header]
                 await send(error_start)
                 await send({"type": "http.response.body", "body": body})
                 return
-            await _send_error(send, _envelope_for(status, body), [id_header])
+            await _send_error(send, _envelope_for(status, body), [id_header], tei)
 
         try:
             await self.app(scope, limited_receive, wrapped_send)
@@ -218,7 +253,7 @@ class FrontDoor:
             status = 413
             await _send_error(send, PayloadTooLarge(
                 f"the body is over MAX_BODY_BYTES={limit} bytes: split the request", code="body_too_large"
-            ), [id_header])
+            ), [id_header], tei)
         return status
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -305,24 +340,41 @@ ERROR_ENVELOPE_SCHEMA = {
         }
     },
 }
+TEI_ERROR_SCHEMA = {
+    "title": "TeiError",
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+}
+TEI_RANKS_SCHEMA = {
+    "type": "array",
+    "items": {"type": "object", "required": ["index", "score"],
+              "properties": {"index": {"type": "integer"}, "score": {"type": "number"}, "text": {"type": "string"}}},
+}
 _ERROR_STATUSES = {"400": "Bad request", "401": "Missing or wrong API key", "404": "Unknown model or route",
                    "413": "Over a size limit", "422": "Body does not match the schema",
                    "429": "Queue full: retry later", "500": "Server error (model_error: the model raised on this request)",
                    "503": "Not ready, or a model is out of service", "504": "Timed out",
-                   "507": "One input alone does not fit the device's memory"}
+                   "507": "One input alone does not fit the device's memory",
+                   "424": "TEI routes: the model failed on this request (TEI's Backend error)"}
 
 
 def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:
     """BentoML documents its own error bodies; the service answers in the OpenAI envelope."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
-    ref = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    schemas["TeiError"] = TEI_ERROR_SCHEMA
+    envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
     for path, item in doc.get("paths", {}).items():
         if path in HEALTH_PATHS or path == "/metrics":
             continue
+        ref = {"$ref": "#/components/schemas/TeiError"} if is_tei(path) else envelope
         for operation in item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
+            if path == "/rerank":  # a TEI body there gets TEI's answer (runners.schemas.RerankRequest)
+                for media in operation["responses"].get("200", {}).get("content", {}).values():
+                    media["schema"] = {"anyOf": [media.get("schema", {}), TEI_RANKS_SCHEMA]}
             for status, description in _ERROR_STATUSES.items():
                 operation["responses"][status] = {
                     "description": description, "content": {"application/json": {"schema": ref}},

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from runners import metrics
+from runners import metrics, quantize
+from runners.calibration_corpus import CALIBRATION_TEXTS
 from runners.engines import CLASSIFY, EMBED, RERANK, EngineRegistry, LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.qwen3 import embedding_instruction, rerank_body_start
-from runners.schemas import ClassifyQuery, EmbedQuery, RerankQuery
+from runners.schemas import UNSPECIFIED_MODELS, ClassifyQuery, EmbedQuery, RerankQuery
 from runners.settings import Settings
 
 
@@ -30,6 +31,8 @@ class InferenceService:
     def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or EngineRegistry(settings)
+        self._calibrations: dict[str, quantize.Calibration] = {}
+        self._calibration_lock = asyncio.Lock()
         metrics.watch_queues(lambda: [(m.name, m.in_flight) for m in self.registry.models])
 
     async def start(self) -> None:
@@ -56,7 +59,7 @@ class InferenceService:
 
     def _check_count(self, count: int, param: str) -> None:
         if not count:
-            raise BadRequest(f"'{param}' is empty: send at least one text", param=param)
+            raise BadRequest(f"'{param}' is empty: send at least one text", param=param, code="empty_input")
         if count > self.settings.max_items:
             raise PayloadTooLarge(
                 f"'{param}' has {count} items; the limit is MAX_ITEMS_PER_REQUEST={self.settings.max_items}: "
@@ -69,7 +72,8 @@ class InferenceService:
         self._check_count(len(texts), param)
         for i, text in enumerate(texts):
             if not text:
-                raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param)
+                raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param,
+                                 code="empty_input")
             if not text.isascii():
                 try:
                     text.encode("utf-8")
@@ -101,7 +105,14 @@ class InferenceService:
 
     # ---- embed ----
 
-    def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None) -> str:
+    def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None,
+                prompt_name: str | None = None) -> str:
+        if prompt_name is not None:
+            if prompt_name not in model.prompts:
+                known = ", ".join(sorted(model.prompts)) or "none"
+                raise BadRequest(f"prompt_name {prompt_name!r} is not a prompt of model {model.name!r} (its prompts: {known})",
+                                 param="prompt_name", code="unknown_prompt")
+            return model.prompts[prompt_name]
         if instruction is not None:
             # Instruction models (Qwen3, gte-Qwen, e5-mistral) take the task inside their template;
             # for any other model the instruction is the prefix itself.
@@ -131,7 +142,21 @@ class InferenceService:
         embeddings, usage = await self.registry.run(model, EMBED, texts)
         return np.asarray(np.stack(embeddings), dtype=np.float32), int(usage)
 
-    async def embed(self, q: EmbedQuery) -> dict[str, Any]:
+    async def _cut_start(self, model: LoadedModel, texts: list[str]) -> list[str]:
+        """Truncation from the left (TEI `truncation_direction: left`, Cohere `truncate: START`): a text
+        longer than the model's window keeps its last tokens, so the model reads its end."""
+
+        def cut() -> list[str]:
+            room = model.max_tokens - len(model.tokenize([""])[0])
+            rows = model.tokenize(texts, special=False)
+            if all(len(row) <= room for row in rows):
+                return texts
+            return [t if len(row) <= room else model.decode([row[len(row) - room:]])[0] for t, row in zip(texts, rows)]
+
+        return await asyncio.to_thread(cut)
+
+    async def embed_matrix(self, q: EmbedQuery) -> tuple[LoadedModel, np.ndarray, int]:
+        """The request's vectors (after `dimensions` and normalization) and the tokens the model read."""
         model = self.registry.resolve(q.model, EMBED)
         if q.token_ids is not None:
             self._check_count(len(q.token_ids), "input")  # before decoding thousands of rows
@@ -144,11 +169,13 @@ class InferenceService:
                 f"dimensions={q.dimensions} is larger than the {model.dimensions} dimensions of {model.name!r}",
                 param="dimensions",
             )
-        prompt = self._prompt(model, q.input_type, q.instruction)
+        prompt = self._prompt(model, q.input_type, q.instruction, q.prompt_name)
         if prompt:
             texts = [prompt + t for t in texts]
         if not q.truncate:
             await self._reject_long(model, texts, "input")
+        elif q.truncate_left:
+            texts = await self._cut_start(model, texts)
         vectors, usage = await self.embed_vectors(model, texts)
         if q.dimensions is not None:
             vectors = vectors[:, : q.dimensions]
@@ -156,16 +183,99 @@ class InferenceService:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
         self._account(model, EMBED, len(texts), usage)
-        if q.encoding_format == "base64":
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
-        else:
-            data = vectors.tolist()
+        return model, vectors, usage
+
+    async def encoded(self, model: LoadedModel, vectors: np.ndarray, q: EmbedQuery, embedding_type: str,
+                      base64_out: bool = False) -> list[Any]:
+        """Rows as the response carries them: floats or quantized integers, as lists or base64 strings."""
+        if embedding_type == "float":
+            if base64_out:
+                return [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+            return vectors.tolist()
+        calibration = await self.calibration(model) if embedding_type in ("int8", "uint8") else None
+        rows = quantize.quantize(vectors, embedding_type, calibration, dimensions=q.dimensions, normalize=q.normalize)
+        return quantize.to_base64(rows) if base64_out else quantize.to_json(rows)
+
+    async def calibration(self, model: LoadedModel) -> quantize.Calibration:
+        """Per-dimension ranges for int8/uint8, learnt once per model from a built-in corpus (on first use,
+        so a server that never quantizes never pays for it)."""
+        found = self._calibrations.get(model.name)
+        if found is not None:
+            return found
+        async with self._calibration_lock:
+            if model.name not in self._calibrations:
+                vectors, _ = await self.embed_vectors(model, list(CALIBRATION_TEXTS))
+                self._calibrations[model.name] = quantize.Calibration(vectors)
+        return self._calibrations[model.name]
+
+    async def embed(self, q: EmbedQuery) -> dict[str, Any]:
+        model, vectors, usage = await self.embed_matrix(q)
+        data = await self.encoded(model, vectors, q, q.embedding_types[0], q.encoding_format == "base64")
         return {
             "object": "list",
             "model": model.name,
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
             "usage": {"prompt_tokens": usage, "total_tokens": usage},
         }
+
+    async def cohere_embed(self, q: EmbedQuery) -> dict[str, Any]:
+        """Cohere's embed v2 response: one list of rows per asked type."""
+        model, vectors, usage = await self.embed_matrix(q)
+        embeddings = {t: await self.encoded(model, vectors, q, t) for t in q.embedding_types}
+        return {
+            "id": str(uuid.uuid4()),
+            "response_type": "embeddings_by_type",
+            "embeddings": embeddings,
+            "texts": list(q.texts or []),
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": usage}},
+        }
+
+    # ---- tokenize ----
+
+    async def tokenize(self, texts: list[str], model_name: str | None, special: bool = True) -> dict[str, Any]:
+        """Token ids and counts per text (`POST /tokenize`): what a client needs to budget tokens."""
+        model = self.any_model(model_name)
+        self._check_texts(texts, "input")
+        with_special, without = await asyncio.to_thread(
+            lambda: (model.tokenize(texts, special=True), model.tokenize(texts, special=False)))
+        rows = with_special if special else without
+        return {
+            "object": "list",
+            "model": model.name,
+            "max_tokens": model.max_tokens,
+            "data": [
+                {"index": i, "ids": ids, "count": len(ids), "count_with_special": len(full),
+                 "count_without_special": len(body), "truncated": len(full) > model.max_tokens}
+                for i, (ids, full, body) in enumerate(zip(rows, with_special, without))
+            ],
+        }
+
+    async def token_details(self, texts: list[str], model_name: str | None, special: bool = True,
+                            prompt_name: str | None = None) -> list[list[dict[str, Any]]]:
+        """TEI's `/tokenize`: per token its id, text, whether it is special, and its character span."""
+        model = self.any_model(model_name)
+        self._check_texts(texts, "inputs")
+        prompt = self._prompt(model, None, None, prompt_name) if prompt_name else ""
+        texts = [prompt + t for t in texts]
+        return await asyncio.to_thread(model.token_details, texts, special)
+
+    async def decode(self, ids: list[list[int]], model_name: str | None, skip_special: bool = True) -> list[str]:
+        model = self.any_model(model_name)
+        self._check_count(len(ids), "ids")
+        vocab = model.vocab_size
+        for i, row in enumerate(ids):
+            bad = next((t for t in row if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise BadRequest(f"'ids[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
+                                 param="ids")
+        return await asyncio.to_thread(model.decode, ids, skip_special)
+
+    def any_model(self, name: str | None) -> LoadedModel:
+        """The named model, else the first embedding model, else the first model (tokenizer routes)."""
+        if name and name not in UNSPECIFIED_MODELS:
+            return self.registry.find(name)
+        models = [m for m in self.registry.models if EMBED in m.capabilities] or self.registry.models
+        return models[0] if models else self.registry.resolve(None, EMBED)  # the latter raises "still loading"
 
     # ---- rerank ----
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 # `str` for text; `[int]` / `[[int]]` for token ids, as the OpenAI API and its SDK (tiktoken) send.
 TokenIds = list[StrictInt]
 EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+# Model names clients send when they mean "whatever the server serves" (Infinity's client's default).
+UNSPECIFIED_MODELS = frozenset({"default/not-specified"})
 
 INPUT_TYPE_ALIASES = {
     "query": "query",
@@ -22,6 +26,9 @@ INPUT_TYPE_ALIASES = {
     "document": "document",
     "passage": "document",
     "search_document": "document",
+    # Cohere's other input types: no prompt (symmetric tasks).
+    "classification": None,
+    "clustering": None,
 }
 
 
@@ -38,21 +45,56 @@ class EmbeddingRequest(_Request):
     model: str | None = None
     input_type: str | None = Field(None, description="query or document: applies the model's prompt")
     instruction: str | None = Field(None, description="task text for instruction models (implies a query)")
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Annotated[int, Field(ge=0)] | None = Field(None, description="0 or null: every dimension")
     normalize: bool = True
     encoding_format: Literal["float", "base64"] = "float"
+    embedding_type: EmbeddingType = Field(
+        "float", description="float, or quantized: int8, uint8, binary, ubinary (README, Quantized embeddings)")
     truncate: bool = True
     user: str | None = None
 
     @field_validator("input_type")
     @classmethod
     def _input_type(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        key = value.strip().lower()
-        if key not in INPUT_TYPE_ALIASES:
-            raise ValueError(f"input_type must be one of {sorted(INPUT_TYPE_ALIASES)}, got {value!r}")
-        return INPUT_TYPE_ALIASES[key]
+        return input_type_of(value)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, value: int | None) -> int | None:
+        return value or None  # Infinity's client sends 0 for "not set", as Infinity's server reads it
+
+
+def input_type_of(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key not in INPUT_TYPE_ALIASES:
+        raise ValueError(f"input_type must be one of {sorted(INPUT_TYPE_ALIASES)}, got {value!r}")
+    return INPUT_TYPE_ALIASES[key]
+
+
+class CohereEmbedRequest(_Request):
+    """`POST /v2/embed`: Cohere's embed v2 (texts only; images are not served)."""
+
+    model: str | None = None
+    texts: list[StrictStr]
+    input_type: str | None = Field(None, description="search_query, search_document, classification or clustering")
+    embedding_types: list[EmbeddingType] = Field(default_factory=lambda: ["float"])
+    output_dimension: Annotated[int, Field(ge=1)] | None = None
+    truncate: Literal["NONE", "START", "END"] = "END"
+
+    @field_validator("input_type")
+    @classmethod
+    def _input_type(cls, value: str | None) -> str | None:
+        return input_type_of(value)
+
+
+class TokenizeRequest(_Request):
+    """`POST /tokenize`: token ids and counts per text, for clients that budget tokens."""
+
+    input: Union[StrictStr, list[StrictStr]]
+    model: str | None = None
+    add_special_tokens: bool = True
 
 
 class _DocumentObject(_Request):
@@ -72,10 +114,23 @@ class _RerankBase(_Request):
 
 
 class RerankRequest(_RerankBase):
-    """`POST /rerank` and the RunPod rerank job (`docs` and `return_docs` as the seed worker)."""
+    """`POST /rerank` and the RunPod rerank job (`docs` and `return_docs` as the seed worker).
 
-    documents: list[Document] = Field(validation_alias=AliasChoices("documents", "docs"))
+    TEI's rerank body (`texts`) is taken too, and answered in TEI's shape: Haystack's TEI ranker
+    drops any path from its URL and posts it to `/rerank`."""
+
+    documents: list[Document] | None = Field(None, validation_alias=AliasChoices("documents", "docs"))
     return_documents: bool = Field(False, validation_alias=AliasChoices("return_documents", "return_docs"))
+    texts: list[StrictStr] | None = Field(None, description="TEI's field: answered as TEI's /rerank")
+    return_text: bool = False
+    truncate: bool | None = None
+    truncation_direction: str | None = None
+
+    @model_validator(mode="after")
+    def _documents_or_texts(self) -> RerankRequest:
+        if self.documents is None and self.texts is None:
+            raise ValueError("send the texts to rank as 'documents' (or 'docs')")
+        return self
 
 
 class V1RerankRequest(RerankRequest):
@@ -112,6 +167,10 @@ class EmbedQuery:
     normalize: bool = True
     encoding_format: str = "float"
     truncate: bool = True
+    # Several at once for Cohere's `embedding_types`; every other route asks for one.
+    embedding_types: tuple[str, ...] = ("float",)
+    truncate_left: bool = False  # cut a long text's start instead of its end (TEI, Cohere)
+    prompt_name: str | None = None  # a key of the model's prompts (TEI)
 
 
 @dataclass(frozen=True)
@@ -138,17 +197,7 @@ def _document_text(doc: Document) -> str:
 
 
 def to_embed_query(req: EmbeddingRequest) -> EmbedQuery:
-    data = req.input
-    texts: list[str] | None = None
-    ids: list[list[int]] | None = None
-    if isinstance(data, str):
-        texts = [data]
-    elif data and isinstance(data[0], int):
-        ids = [list(data)]  # type: ignore[arg-type]
-    elif data and isinstance(data[0], list):
-        ids = [list(x) for x in data]  # type: ignore[union-attr]
-    else:
-        texts = list(data)  # type: ignore[arg-type]
+    texts, ids = _texts_or_ids(req.input)
     return EmbedQuery(
         texts=texts,
         token_ids=ids,
@@ -159,13 +208,27 @@ def to_embed_query(req: EmbeddingRequest) -> EmbedQuery:
         normalize=req.normalize,
         encoding_format=req.encoding_format,
         truncate=req.truncate,
+        embedding_types=(req.embedding_type,),
+    )
+
+
+def cohere_to_embed_query(req: CohereEmbedRequest) -> EmbedQuery:
+    return EmbedQuery(
+        texts=list(req.texts),
+        token_ids=None,
+        model=req.model,
+        input_type=req.input_type,
+        dimensions=req.output_dimension,
+        truncate=req.truncate != "NONE",
+        truncate_left=req.truncate == "START",
+        embedding_types=tuple(dict.fromkeys(req.embedding_types)) or ("float",),
     )
 
 
 def to_rerank_query(req: RerankRequest | V2RerankRequest) -> RerankQuery:
     return RerankQuery(
         query=req.query,
-        documents=[_document_text(d) for d in req.documents],
+        documents=[_document_text(d) for d in req.documents or []],
         model=req.model,
         top_n=req.top_n,
         return_documents=getattr(req, "return_documents", False),
@@ -178,3 +241,96 @@ def to_rerank_query(req: RerankRequest | V2RerankRequest) -> RerankQuery:
 def to_classify_query(req: ClassifyRequest) -> ClassifyQuery:
     texts = [req.input] if isinstance(req.input, str) else list(req.input)
     return ClassifyQuery(texts=texts, model=req.model, raw_scores=req.raw_scores)
+
+
+# ---- Text Embeddings Inference (under /tei), field by field as TEI's router types ----
+
+TeiInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+
+
+class _TeiTruncation(_Request):
+    model: str | None = Field(None, description="not in TEI: which served model (default: the first that can)")
+    truncate: bool | None = Field(None, description="null: this server's default, which truncates")
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+
+    @property
+    def truncate_left(self) -> bool:
+        return self.truncation_direction.lower() == "left"
+
+
+class TeiEmbedRequest(_TeiTruncation):
+    inputs: TeiInput
+    normalize: bool = True
+    prompt_name: str | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+
+class TeiRerankRequest(_TeiTruncation):
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: bool = False
+    return_text: bool = False
+
+
+class TeiPredictRequest(_TeiTruncation):
+    inputs: Union[StrictStr, list[StrictStr], list[list[StrictStr]]]
+    raw_scores: bool = False
+
+
+class TeiTokenizeRequest(_Request):
+    model: str | None = None
+    inputs: Union[StrictStr, list[StrictStr]]
+    add_special_tokens: bool = True
+    prompt_name: str | None = None
+
+
+class TeiDecodeRequest(_Request):
+    model: str | None = None
+    ids: Union[list[StrictInt], list[list[StrictInt]]]
+    skip_special_tokens: bool = True
+
+
+class TeiSimilarityInputs(_Request):
+    source_sentence: StrictStr
+    sentences: list[StrictStr]
+
+
+class TeiSimilarityParameters(_Request):
+    truncate: bool | None = None
+    truncation_direction: Literal["right", "left", "Right", "Left"] = "right"
+    prompt_name: str | None = None
+
+
+class TeiSimilarityRequest(_Request):
+    model: str | None = None
+    inputs: TeiSimilarityInputs
+    parameters: TeiSimilarityParameters | None = None
+
+
+def _texts_or_ids(data: TeiInput | EmbeddingInput) -> tuple[list[str] | None, list[list[int]] | None]:
+    if isinstance(data, str):
+        return [data], None
+    if data and isinstance(data[0], int):
+        return None, [list(data)]  # type: ignore[arg-type]
+    if data and isinstance(data[0], list):
+        return None, [list(x) for x in data]  # type: ignore[union-attr]
+    return list(data), None  # type: ignore[arg-type]
+
+
+def tei_to_embed_query(req: TeiEmbedRequest) -> EmbedQuery:
+    texts, ids = _texts_or_ids(req.inputs)
+    return EmbedQuery(
+        texts=texts,
+        token_ids=ids,
+        model=req.model,
+        dimensions=req.dimensions,
+        normalize=req.normalize,
+        truncate=req.truncate is not False,
+        truncate_left=req.truncate_left,
+        prompt_name=req.prompt_name,
+    )
+
+
+def tei_to_rerank_query(req: TeiRerankRequest) -> RerankQuery:
+    return RerankQuery(query=req.query, documents=list(req.texts), model=req.model, raw_scores=req.raw_scores,
+                       return_documents=req.return_text)

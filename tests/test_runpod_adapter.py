@@ -222,6 +222,13 @@ def test_embed_dimensions_base64_and_model_path(worker: Worker, reference: Any) 
     check_embeddings(body, texts, reference, dims=128)
 
 
+def test_embed_quantized_ubinary_job(worker: Worker, reference: Any) -> None:
+    texts = ["binary vectors for a cheap first pass", "then rescore with floats"]
+    body = completed(worker.runsync({"input": texts, "embedding_type": "ubinary"}))
+    expected = np.packbits(reference.encode(texts, convert_to_numpy=True) > 0, axis=-1)
+    assert [d["embedding"] for d in body["data"]] == expected.tolist()
+
+
 def test_openai_embeddings_token_ids(worker: Worker, reference: Any) -> None:
     ids = reference.tokenizer("token ids in", add_special_tokens=False)["input_ids"]
     [body] = completed(worker.runsync({"openai_route": "/v1/embeddings", "openai_input": {"input": [ids]}}))
