@@ -28,10 +28,14 @@ from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, 
 from runners.scheduler import ModelScheduler
 from runners.schemas import UNSPECIFIED_MODELS
 from runners.settings import ModelSpec, Settings
+from runners.sparse import KINDS as MULTI_KINDS  # sparse, colbert, bge-m3, tokens (no torch import)
 
 log = logging.getLogger("embed_rerank.engines")
 
 EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
+# Capabilities of the multi-output models (runners.sparse): SPLADE / BGE-M3 sparse vectors and
+# ColBERT / BGE-M3 / token vectors. The model kinds that have them: runners.sparse.KINDS.
+SPARSE_EMBED, TOKEN_EMBED = "sparse", "tokens"
 # Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (README, Performance: the measurement).
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "gpu": 32768}
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
@@ -85,6 +89,12 @@ class LoadedModel:
     prompts: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     multi_label: bool = False
+    # Multi-output models (runners.sparse.MultiEncoder): the outputs each item can ask for with a
+    # MultiInput ("dense", "sparse", "tokens"); empty for the classic replicas.
+    outputs: tuple[str, ...] = ()
+    token_dimensions: int | None = None  # size of each token vector
+    tokens_normalized: bool = False  # token vectors are unit length (ColBERT, BGE-M3), or raw hidden states
+    query_aware: bool = False  # ColBERT: queries must be sent as MultiInput(..., query=True)
     load_seconds: float = 0.0
     in_flight: int = 0
     stats: ModelStats = field(default_factory=ModelStats)
@@ -143,6 +153,9 @@ class LoadedModel:
             "max_batch_tokens": self.scheduler.budget.limit,
             "batch_tokens_now": self.scheduler.budget.current,
             "dimensions": self.dimensions,
+            # What /embed's `output` may ask of this model (README, Sparse and multi-vector embeddings).
+            "outputs": list(self.outputs) or (["dense"] if EMBED in self.capabilities else []),
+            "token_dimensions": self.token_dimensions,
             "max_tokens": self.max_tokens,
             "prompts": self.prompts,
             "labels": self.labels or None,
@@ -166,13 +179,18 @@ def read_config(spec: ModelSpec) -> dict[str, Any]:
 
 
 def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:
-    """embed, rerank, classify or qwen3-reranker: the setting if given, else from config.json."""
+    """embed, rerank, classify, qwen3-reranker, or a multi-output kind (sparse, colbert, bge-m3;
+    `tokens` only when set): the setting if given, else from config.json and the folder's files."""
     from runners.qwen3 import is_qwen3_reranker
+    from runners.sparse import detect_kind
 
     if spec.kind != "auto":
         return spec.kind
     if is_qwen3_reranker(spec.name_or_path, config):
         return "qwen3-reranker"
+    multi = detect_kind(spec.name_or_path, config)
+    if multi is not None:
+        return multi
     archs = config.get("architectures") or []
     if any("SequenceClassification" in a for a in archs):
         return RERANK if len(config.get("id2label") or {"0": 0}) < 2 else CLASSIFY
@@ -245,6 +263,35 @@ def import_infinity() -> None:
     root.setLevel(level)
 
 
+def _load_multi(spec: ModelSpec, settings: Settings, kind: str, args: Any, started: float) -> LoadedModel:
+    """SPLADE, ColBERT, BGE-M3 or token vectors: one MultiEncoder replica, every output from one pass."""
+    from runners.sparse import DENSE, SPARSE, TOKENS, MultiEncoder
+
+    replica = MultiEncoder(engine_args=args, kind=kind)
+    capabilities = {SPARSE_EMBED} if SPARSE in replica.outputs else set()
+    if TOKENS in replica.outputs:
+        capabilities.add(TOKEN_EMBED)
+    if DENSE in replica.outputs:
+        # A plain text gets the bare dense vector, as from any embedding replica: embed and the
+        # cosine rerank work on these models unchanged.
+        capabilities |= {EMBED, RERANK}
+    return LoadedModel(
+        spec=spec,
+        scheduler=_scheduler(replica, spec, settings, pairs=False),
+        capabilities=frozenset(capabilities),
+        rerank_via="embedding-cosine" if DENSE in replica.outputs else None,
+        tokenizer=copy.deepcopy(replica.tokenizer),
+        max_tokens=replica.max_length,
+        dimensions=replica.dimensions,
+        prompts=dict(replica.prompts),
+        outputs=replica.outputs,
+        token_dimensions=replica.token_dimensions,
+        tokens_normalized=replica.tokens_normalized,
+        query_aware=replica.colbert is not None,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Load one model and its scheduler (blocking: run it in a thread)."""
     import_infinity()
@@ -289,6 +336,8 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
             f"BACKEND=optimum serves embedding models; {spec.served_name} is a {kind} model: "
             "give it BACKEND=torch (BACKEND takes one value per model, e.g. 'optimum;torch')"
         )
+    if kind in MULTI_KINDS:
+        return _load_multi(spec, settings, kind, args, started)
     if kind == EMBED and spec.backend == "optimum":
         from runners.onnx import OnnxEmbedder
 

@@ -16,11 +16,15 @@ import numpy as np
 
 from runners import metrics, quantize
 from runners.calibration_corpus import CALIBRATION_TEXTS
-from runners.engines import CLASSIFY, EMBED, RERANK, EngineRegistry, LoadedModel
+from runners.engines import CLASSIFY, EMBED, RERANK, SPARSE_EMBED, TOKEN_EMBED, EngineRegistry, LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.qwen3 import embedding_instruction, rerank_body_start
 from runners.schemas import UNSPECIFIED_MODELS, ClassifyQuery, EmbedQuery, RerankQuery
 from runners.settings import Settings
+
+DENSE, SPARSE, TOKENS = "dense", "sparse", "tokens"  # the outputs a request may ask for (runners.sparse)
+OUTPUT_CAPABILITY = {DENSE: EMBED, SPARSE: SPARSE_EMBED, TOKENS: TOKEN_EMBED}
+OUTPUT_KEYS = {DENSE: "dense_embedding", SPARSE: "sparse_embedding", TOKENS: "token_embeddings"}
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -155,9 +159,8 @@ class InferenceService:
 
         return await asyncio.to_thread(cut)
 
-    async def embed_matrix(self, q: EmbedQuery) -> tuple[LoadedModel, np.ndarray, int]:
-        """The request's vectors (after `dimensions` and normalization) and the tokens the model read."""
-        model = self.registry.resolve(q.model, EMBED)
+    async def _texts(self, model: LoadedModel, q: EmbedQuery) -> list[str]:
+        """The request's texts as the model reads them: ids decoded, checked, prompted, truncated."""
         if q.token_ids is not None:
             self._check_count(len(q.token_ids), "input")  # before decoding thousands of rows
             texts = await self._texts_from_ids(model, q.token_ids)
@@ -176,12 +179,24 @@ class InferenceService:
             await self._reject_long(model, texts, "input")
         elif q.truncate_left:
             texts = await self._cut_start(model, texts)
-        vectors, usage = await self.embed_vectors(model, texts)
+        return texts
+
+    @staticmethod
+    def _shape(vectors: np.ndarray, q: EmbedQuery) -> np.ndarray:
+        """`dimensions` (first d components) and normalization, as the request asks."""
         if q.dimensions is not None:
             vectors = vectors[:, : q.dimensions]
         if q.normalize or q.dimensions is not None:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
             vectors = vectors / np.maximum(norms, 1e-12)
+        return vectors
+
+    async def embed_matrix(self, q: EmbedQuery) -> tuple[LoadedModel, np.ndarray, int]:
+        """The request's vectors (after `dimensions` and normalization) and the tokens the model read."""
+        model = self.registry.resolve(q.model, EMBED)
+        texts = await self._texts(model, q)
+        vectors, usage = await self.embed_vectors(model, texts)
+        vectors = self._shape(vectors, q)
         self._account(model, EMBED, len(texts), usage)
         return model, vectors, usage
 
@@ -209,6 +224,8 @@ class InferenceService:
         return self._calibrations[model.name]
 
     async def embed(self, q: EmbedQuery) -> dict[str, Any]:
+        if q.outputs != (DENSE,):
+            return await self.embed_outputs(q)
         model, vectors, usage = await self.embed_matrix(q)
         data = await self.encoded(model, vectors, q, q.embedding_types[0], q.encoding_format == "base64")
         return {
@@ -217,6 +234,91 @@ class InferenceService:
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
             "usage": {"prompt_tokens": usage, "total_tokens": usage},
         }
+
+    # ---- sparse and token outputs (runners.sparse) ----
+
+    def _model_with(self, name: str | None, outputs: tuple[str, ...]) -> LoadedModel:
+        """The named model if it gives every asked output, else the first model that does."""
+        def gives(m: LoadedModel) -> bool:
+            return all(o in m.outputs or (o == DENSE and EMBED in m.capabilities) for o in outputs)
+
+        if name and name not in UNSPECIFIED_MODELS:
+            model = self.registry.find(name)
+            if not gives(model):
+                has = ", ".join(model.outputs or ((DENSE,) if EMBED in model.capabilities else ())) or "none"
+                raise BadRequest(f"model {model.name!r} cannot give {'+'.join(outputs)} outputs (its outputs: {has})",
+                                 param="output", code="unsupported_capability")
+            return model
+        for model in self.registry.models:
+            if gives(model):
+                return model
+        self.registry.resolve(None, OUTPUT_CAPABILITY[outputs[-1]])  # raises "still loading" or "none can"
+        raise BadRequest(f"no served model gives {'+'.join(outputs)} outputs together: serve a model that has them all "
+                         "(BGE-M3 has dense, sparse and tokens)", param="output", code="unsupported_capability")
+
+    async def multi_outputs(self, q: EmbedQuery) -> tuple[LoadedModel, list[dict[str, Any]], int]:
+        """Per text a dict of the asked outputs: dense (shaped as the request asks), sparse
+        (indices ascending, values; `sparse_top_k` keeps the largest) and tokens, one forward pass."""
+        from runners.sparse import MultiInput
+
+        model = self._model_with(q.model, q.outputs)
+        if not model.outputs:  # a classic embedding model asked for dense only in a list
+            model, vectors, usage = await self.embed_matrix(q)
+            return model, [{DENSE: v} for v in vectors], usage
+        texts = await self._texts(model, q)
+        if TOKENS in q.outputs:
+            await self._check_token_vector_size(model, texts)
+        query = q.input_type == "query" or q.instruction is not None
+        results, usage = await self.registry.run(model, OUTPUT_CAPABILITY[q.outputs[0]],
+                                                 [MultiInput(t, q.outputs, query) for t in texts])
+        rows: list[dict[str, Any]] = []
+        dense = self._shape(np.stack([r[DENSE] for r in results]).astype(np.float32), q) if DENSE in q.outputs else None
+        for i, r in enumerate(results):
+            row: dict[str, Any] = {}
+            if dense is not None:
+                row[DENSE] = dense[i]
+            if SPARSE in q.outputs:
+                ids, values = r[SPARSE]
+                if q.sparse_top_k is not None and len(ids) > q.sparse_top_k:
+                    keep = np.sort(np.argpartition(-values, q.sparse_top_k - 1)[: q.sparse_top_k])
+                    ids, values = ids[keep], values[keep]
+                row[SPARSE] = {"indices": ids.tolist(), "values": values.tolist()}
+            if TOKENS in q.outputs:
+                row[TOKENS] = r[TOKENS]
+            rows.append(row)
+        self._account(model, OUTPUT_CAPABILITY[q.outputs[0]], len(texts), int(usage))
+        return model, rows, int(usage)
+
+    async def _check_token_vector_size(self, model: LoadedModel, texts: list[str]) -> None:
+        """Token vectors are tokens × dims floats per text, all held until the request is answered:
+        a request whose vectors would pass MAX_TOKEN_VECTORS_MB is refused before the model runs."""
+        lengths = [min(len(ids), model.max_tokens) for ids in await asyncio.to_thread(model.tokenize, texts)]
+        size = sum(lengths) * (model.token_dimensions or model.dimensions or 1) * 4
+        limit = self.settings.max_token_vector_mb << 20
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the token vectors of these {len(texts)} texts ({sum(lengths)} tokens) would take {size / 2**20:.1f} MiB; "
+                f"the limit is MAX_TOKEN_VECTORS_MB={self.settings.max_token_vector_mb}: split the request",
+                param="input", code="too_many_tokens")
+
+    async def embed_outputs(self, q: EmbedQuery) -> dict[str, Any]:
+        """`output` other than dense: the first asked output under `embedding`, the others under their keys."""
+        model, rows, usage = await self.multi_outputs(q)
+        first = q.outputs[0]
+        dense = np.stack([r[DENSE] for r in rows]) if DENSE in q.outputs else None
+        encoded = await self.encoded(model, dense, q, q.embedding_types[0], q.encoding_format == "base64") \
+            if dense is not None else None
+        data = []
+        for i, row in enumerate(rows):
+            item: dict[str, Any] = {"object": "embedding", "index": i}
+            for name in q.outputs:
+                value = encoded[i] if name == DENSE else row[name]
+                if name == TOKENS:
+                    value = np.asarray(value, dtype=np.float32).tolist()
+                item["embedding" if name == first else OUTPUT_KEYS[name]] = value
+            data.append(item)
+        return {"object": "list", "model": model.name, "data": data,
+                "usage": {"prompt_tokens": usage, "total_tokens": usage}}
 
     async def cohere_embed(self, q: EmbedQuery) -> dict[str, Any]:
         """Cohere's embed v2 response: one list of rows per asked type."""

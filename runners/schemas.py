@@ -17,6 +17,7 @@ TokenIds = list[StrictInt]
 EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
+OutputName = Literal["dense", "sparse", "tokens"]
 # Model names clients send when they mean "whatever the server serves" (Infinity's client's default).
 UNSPECIFIED_MODELS = frozenset({"default/not-specified"})
 
@@ -50,6 +51,10 @@ class EmbeddingRequest(_Request):
     encoding_format: Literal["float", "base64"] = "float"
     embedding_type: EmbeddingType = Field(
         "float", description="float, or quantized: int8, uint8, binary, ubinary (README, Quantized embeddings)")
+    output: Union[OutputName, list[OutputName]] = Field(
+        "dense", description="dense, sparse ({indices, values}) or tokens (one vector per token), or several: "
+                             "the first is `embedding`, the others `sparse_embedding` / `token_embeddings` / `dense_embedding`")
+    sparse_top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="keep the k largest sparse weights")
     truncate: bool = True
     user: str | None = None
 
@@ -171,6 +176,8 @@ class EmbedQuery:
     embedding_types: tuple[str, ...] = ("float",)
     truncate_left: bool = False  # cut a long text's start instead of its end (TEI, Cohere)
     prompt_name: str | None = None  # a key of the model's prompts (TEI)
+    outputs: tuple[str, ...] = ("dense",)  # dense, sparse, tokens (runners.sparse); the first is `embedding`
+    sparse_top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +216,8 @@ def to_embed_query(req: EmbeddingRequest) -> EmbedQuery:
         encoding_format=req.encoding_format,
         truncate=req.truncate,
         embedding_types=(req.embedding_type,),
+        outputs=(req.output,) if isinstance(req.output, str) else tuple(dict.fromkeys(req.output)) or ("dense",),
+        sparse_top_k=req.sparse_top_k,
     )
 
 

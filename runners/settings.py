@@ -28,7 +28,7 @@ DTYPE_ALIASES = {
     "fp8": "fp8",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
-KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker")
+KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker", "sparse", "colbert", "bge-m3", "tokens")
 ONNX_QUANTIZATIONS = ("auto", "fp32", "int8")
 ALLOCATORS = ("auto", "jemalloc", "mimalloc", "system")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -74,6 +74,7 @@ class Settings:
     memory: str = "8Gi"
     max_items: int = 2048
     max_chars: int = 100_000
+    max_token_vector_mb: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     request_timeout_s: float = 120.0
     stall_timeout_s: float = 300.0
@@ -273,6 +274,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         memory=env.get("SERVICE_MEMORY", "").strip() or "8Gi",
         max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
+        max_token_vector_mb=_int(env, "MAX_TOKEN_VECTORS_MB", 64),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),
         request_timeout_s=_float(env, "REQUEST_TIMEOUT", 120.0),
         stall_timeout_s=_float(env, "MODEL_STALL_TIMEOUT", 300.0),

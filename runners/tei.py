@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from runners import metrics
-from runners.engines import CLASSIFY, EMBED, RERANK, LoadedModel
+from runners.engines import CLASSIFY, EMBED, RERANK, SPARSE_EMBED, LoadedModel
 from runners.errors import BadRequest, InternalError, ServiceError, Unavailable, from_validation_errors
 from runners.http import JSONBody
-from runners.inference import InferenceService
+from runners.inference import SPARSE, TOKENS, InferenceService
 from runners.schemas import (
     ClassifyQuery,
     EmbedQuery,
@@ -140,13 +141,19 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
 
     @app.post("/embed_all")
     async def embed_all(body: TeiEmbedRequest) -> Response:
-        async def tokens() -> Any:
-            service = inference()
-            if not hasattr(service, "embed_tokens"):
-                raise BadRequest("token embeddings are not served by this version", code="unsupported_capability")
-            return await service.embed_tokens(tei_to_embed_query(body))
+        async def tokens() -> list[Any]:
+            _, rows, _ = await inference().multi_outputs(replace(tei_to_embed_query(body), outputs=(TOKENS,)))
+            return [np.asarray(r[TOKENS], dtype=np.float32).tolist() for r in rows]
 
         return await tei_answer(tokens)
+
+    @app.post("/embed_sparse")
+    async def embed_sparse(body: TeiEmbedRequest) -> Response:
+        async def sparse() -> list[Any]:
+            _, rows, _ = await inference().multi_outputs(replace(tei_to_embed_query(body), outputs=(SPARSE,)))
+            return [[{"index": i, "value": v} for i, v in zip(r[SPARSE]["indices"], r[SPARSE]["values"])] for r in rows]
+
+        return await tei_answer(sparse)
 
     @app.post("/tokenize")
     async def tokenize(body: TeiTokenizeRequest) -> Response:
@@ -195,6 +202,8 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
             if isinstance(data.get("inputs"), dict):
                 return await similarity(TeiSimilarityRequest.model_validate(data))
             capabilities = _capabilities(inference)
+            if EMBED not in capabilities and SPARSE_EMBED in capabilities:
+                return await embed_sparse(TeiEmbedRequest.model_validate(_flatten_parameters(data)))
             if EMBED not in capabilities and CLASSIFY in capabilities:
                 return await predict(TeiPredictRequest.model_validate(data))
             if EMBED not in capabilities and RERANK in capabilities:
@@ -241,8 +250,9 @@ def _capabilities(inference: Callable[[], InferenceService]) -> set[str]:
 
 def tei_info(model: LoadedModel, service: InferenceService) -> dict[str, Any]:
     """TEI's `/info` for one model."""
-    if EMBED in model.capabilities:
-        model_type: dict[str, Any] = {"embedding": {"pooling": _pooling(model)}}
+    if EMBED in model.capabilities or SPARSE_EMBED in model.capabilities:
+        pooling = "splade" if EMBED not in model.capabilities else _pooling(model)
+        model_type: dict[str, Any] = {"embedding": {"pooling": pooling}}
     else:
         labels = model.labels or ["LABEL_0"]
         kind = "classifier" if CLASSIFY in model.capabilities else "reranker"

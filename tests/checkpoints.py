@@ -232,3 +232,213 @@ def build_faulty_embedder(folder: Path, oom_above_tokens: int = 0) -> Path:
     assert type(SentenceTransformer(str(folder), device="cpu", trust_remote_code=True)[0].auto_model).__name__ == \
         "FaultyBertModel", "the saved folder must load the custom model class"
     return folder
+
+
+# ---- sparse and multi-vector models (runners.sparse) ----
+
+
+def _bert_config(vocab_size: int, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **extra)
+
+
+def build_splade(folder: Path, seed: int = 0, allowed_words: tuple[str, ...] = ()) -> Path:
+    """A tiny `BertForMaskedLM` (SPLADE's architecture) on the tiny BERT vocabulary, no sentence-transformers files.
+
+    With `allowed_words`, every other vocabulary entry gets an MLM bias of -100: its logit can never
+    be positive, so the sparse vector may only hold those words (a check that ids are vocabulary ids).
+    """
+    import torch
+    from transformers import BertForMaskedLM, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=128)
+    torch.manual_seed(seed)
+    config = _bert_config(tokenizer.vocab_size)
+    config.architectures = ["BertForMaskedLM"]
+    model = _widen(BertForMaskedLM(config).eval(), 0.3)
+    if allowed_words:
+        allowed = tokenizer.convert_tokens_to_ids(list(allowed_words))
+        with torch.no_grad():
+            bias = torch.full((tokenizer.vocab_size,), -100.0)
+            bias[allowed] = 2.0
+            model.cls.predictions.bias.copy_(bias)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_mlm_embedder(folder: Path, seed: int = 0) -> Path:
+    """A sentence-transformers embedding model whose config says `BertForMaskedLM`, as all-mpnet-base-v2's
+    says `MPNetForMaskedLM`: it must stay a dense model, not become SPLADE."""
+    import json
+
+    build_bert_embedder(folder, seed=seed)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def build_bert_embedder(folder: Path, seed: int = 0, pooling: str = "mean") -> Path:
+    """A plain sentence-transformers BERT embedder (Transformer, Pooling, Normalize)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertModel, BertTokenizerFast
+
+    base = folder.parent / (folder.name + "-base")
+    base.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(base)), do_lower_case=True, model_max_length=128)
+    torch.manual_seed(seed)
+    config = _bert_config(tokenizer.vocab_size)
+    config.architectures = ["BertModel"]
+    _widen(BertModel(config).eval(), 0.3).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    st = SentenceTransformer(modules=[Transformer(str(base), max_seq_length=128), Pooling(32, pooling_mode=pooling),
+                                      Normalize()], device="cpu")
+    st.save(str(folder))
+    return folder
+
+
+def _xlmr_tokenizer():
+    """An XLM-RoBERTa-shaped fast tokenizer (Unigram, <s> … </s>, <pad> = 1) trained here on WORDS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 20 + [" ".join(reversed(WORDS))] * 20, trainer=trainer)
+    tok.add_special_tokens(["<mask>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    assert [tok.token_to_id(t) for t in specials] == [0, 1, 2, 3], "XLM-R's special ids are 0..3"
+    return XLMRobertaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+        pad_token="<pad>", mask_token="<mask>", model_max_length=126,
+    )
+
+
+def build_bge_m3(folder: Path, seed: int = 0, colbert_dim: int = 32) -> Path:
+    """A BAAI/bge-m3-shaped folder: a tiny XLM-RoBERTa encoder (with its CLS pooling sentence-transformers
+    files, as bge-m3 ships them) and FlagEmbedding's heads `sparse_linear.pt` (hidden -> 1) and
+    `colbert_linear.pt` (hidden -> colbert_dim), saved as FlagEmbedding saves them (state dicts)."""
+    import json
+
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _xlmr_tokenizer()
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+    )
+    config.architectures = ["XLMRobertaModel"]
+    model = _widen(XLMRobertaModel(config, add_pooling_layer=False).eval(), 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    sparse, colbert = torch.nn.Linear(32, 1), torch.nn.Linear(32, colbert_dim)
+    with torch.no_grad():
+        sparse.weight.normal_(0, 0.5)
+        sparse.bias.fill_(0.1)
+        colbert.weight.normal_(0, 0.3)
+    torch.save(sparse.state_dict(), folder / "sparse_linear.pt")
+    torch.save(colbert.state_dict(), folder / "colbert_linear.pt")
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ], indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 126, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+    }))
+    return folder
+
+
+def _colbert_vocab(folder: Path) -> Path:
+    vocab = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS,
+             *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"], *list("abcdefghijklmnopqrstuvwxyz0123456789.,?!'-:")]
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    return path
+
+
+def build_colbert_stanford(folder: Path, seed: int = 0, dim: int = 16, query_maxlen: int = 12, doc_maxlen: int = 40,
+                           attend_to_mask_tokens: bool = False) -> Path:
+    """A Stanford ColBERT checkpoint as colbert-ir/colbertv2.0 ships it: config.json with `HF_ColBERT`,
+    one weights file with `bert.*` and `linear.weight` (no bias), settings in `artifact.metadata`."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(_colbert_vocab(folder)), do_lower_case=True, model_max_length=512)
+    torch.manual_seed(seed)
+    config = _bert_config(tokenizer.vocab_size)
+    bert = _widen(BertModel(config, add_pooling_layer=False).eval(), 0.3)
+    state = {f"bert.{k}": v.contiguous() for k, v in bert.state_dict().items()}
+    state["linear.weight"] = torch.randn(dim, 32) * 0.3
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = ["HF_ColBERT"]
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "artifact.metadata").write_text(json.dumps({
+        "query_token_id": "[unused0]", "doc_token_id": "[unused1]", "query_maxlen": query_maxlen,
+        "doc_maxlen": doc_maxlen, "dim": dim, "similarity": "cosine", "mask_punctuation": True,
+        "attend_to_mask_tokens": attend_to_mask_tokens,
+    }, indent=2))
+    return folder
+
+
+def build_colbert_pylate(folder: Path, seed: int = 0, dim: int = 16, query_length: int = 12,
+                         document_length: int = 40, attend_to_expansion_tokens: bool = False) -> Path:
+    """A PyLate ColBERT folder: a sentence-transformers Transformer whose tokenizer has the added
+    tokens "[Q] " and "[D] ", a `pylate.models.Dense.Dense` projection without bias in 1_Dense/, and
+    PyLate's settings in config_sentence_transformers.json."""
+    import json
+    import string
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=512)
+    tokenizer.add_tokens(["[Q] ", "[D] "])
+    torch.manual_seed(seed)
+    config = _bert_config(len(tokenizer))
+    config.architectures = ["BertModel"]
+    _widen(BertModel(config, add_pooling_layer=False).eval(), 0.3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
+    ], indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": document_length - 1,
+                                                                  "do_lower_case": False}))
+    (folder / "1_Dense").mkdir(exist_ok=True)
+    (folder / "1_Dense" / "config.json").write_text(json.dumps({
+        "in_features": 32, "out_features": dim, "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity", "use_residual": False,
+    }))
+    save_file({"linear.weight": torch.randn(dim, 32) * 0.3}, str(folder / "1_Dense" / "model.safetensors"))
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({
+        "query_prefix": "[Q] ", "document_prefix": "[D] ", "query_length": query_length,
+        "document_length": document_length, "attend_to_expansion_tokens": attend_to_expansion_tokens,
+        "skiplist_words": list(string.punctuation), "do_query_expansion": True, "similarity_fn_name": "MaxSim",
+        "prompts": {}, "default_prompt_name": None,
+    }, indent=2))
+    return folder
