@@ -268,6 +268,7 @@ def _load_multi(spec: ModelSpec, settings: Settings, kind: str, args: Any, start
     from runners.sparse import DENSE, SPARSE, TOKENS, MultiEncoder
 
     replica = MultiEncoder(engine_args=args, kind=kind)
+    _leave_normalization_to_the_service(replica)
     capabilities = {SPARSE_EMBED} if SPARSE in replica.outputs else set()
     if TOKENS in replica.outputs:
         capabilities.add(TOKEN_EMBED)
@@ -363,8 +364,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
             load_seconds=time.perf_counter() - started,
         )
     # Embedding model: the service normalizes (or not) per request, so the replica must not.
-    if hasattr(replica, "normalize_embeddings"):
-        replica.normalize_embeddings = False
+    _leave_normalization_to_the_service(replica)
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
     dims = replica.get_sentence_embedding_dimension() if hasattr(replica, "get_sentence_embedding_dimension") else None
     max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
@@ -379,6 +379,20 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         prompts=dict(getattr(replica, "prompts", None) or {}),
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _leave_normalization_to_the_service(replica: Any) -> None:
+    """The service normalizes per request (`normalize`, TEI's too); a model that normalizes inside its
+    forward pass (sentence-transformers' Normalize module, Infinity's flag, our ONNX and multi-output
+    replicas) would make `normalize: false` a silent no-op."""
+    if hasattr(replica, "normalize_embeddings"):
+        replica.normalize_embeddings = False
+    for flag in ("normalize", "normalize_dense"):  # runners.onnx.OnnxEmbedder, runners.sparse.MultiEncoder
+        if isinstance(getattr(replica, flag, None), bool):
+            setattr(replica, flag, False)
+    modules = list(replica) if hasattr(replica, "__getitem__") and hasattr(replica, "__len__") else []
+    if modules and type(modules[-1]).__name__ == "Normalize":
+        del replica[len(modules) - 1]
 
 
 class EngineRegistry:

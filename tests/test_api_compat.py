@@ -152,3 +152,18 @@ def test_wrong_content_type_is_a_client_error(url):
         assert 400 <= res.status_code < 500, (route, res.status_code, res.text)
         err = res.json()["error"]
         assert (err["type"] == "invalid_request_error") if isinstance(err, dict) else res.json()["error_type"] == "Validation"
+
+
+def test_normalize_false_gives_the_raw_pooled_vector(url, default_model_path):
+    # all-MiniLM-L6-v2 ends with a Normalize module; `normalize: false` must still mean what it says (TEI's too).
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(default_model_path, device="cpu")
+    raw = model.encode(TEXTS[:2], output_value="sentence_embedding", normalize_embeddings=False)
+    without_normalize = SentenceTransformer(modules=list(model)[:-1], device="cpu").encode(TEXTS[:2])
+    got = httpx.post(url + "/embed", json={"input": TEXTS[:2], "normalize": False}).json()["data"]
+    np.testing.assert_allclose([d["embedding"] for d in got], without_normalize, atol=1e-5)
+    assert abs(np.linalg.norm(got[0]["embedding"]) - 1) > 1e-3
+    tei = httpx.post(url + "/tei/embed", json={"inputs": TEXTS[:2], "normalize": False}).json()
+    np.testing.assert_allclose(tei, without_normalize, atol=1e-5)
+    np.testing.assert_allclose(openai_vectors(url, TEXTS[:2]), raw, atol=1e-5)  # the default still normalizes

@@ -213,8 +213,9 @@ def _bge_m3_reference(folder: Path, text: str) -> dict:
             lexical[token_id] = max(lexical.get(token_id, 0.0), weight)
     ids = np.array(sorted(lexical), dtype=np.int32)
     n = int(enc["attention_mask"].sum())
-    # bge-m3's sentence-transformers modules end with Normalize (FlagEmbedding normalizes by default too).
-    dense = torch.nn.functional.normalize(hidden[0, 0], dim=-1)
+    # The CLS state as it is: the service normalizes per request (`normalize`, default true, as bge-m3's
+    # Normalize module and FlagEmbedding do), so the replica must not.
+    dense = hidden[0, 0]
     return {"dense": dense.numpy(), "sparse": (ids, np.array([lexical[i] for i in ids], dtype=np.float32)),
             "tokens": colbert[: n - 1].numpy()}
 
