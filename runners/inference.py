@@ -146,12 +146,14 @@ class InferenceService:
         embeddings, usage = await self.registry.run(model, EMBED, texts)
         return np.asarray(np.stack(embeddings), dtype=np.float32), int(usage)
 
-    async def _cut_start(self, model: LoadedModel, texts: list[str]) -> list[str]:
+    async def _cut_start(self, model: LoadedModel, texts: list[str], prompt: str = "") -> list[str]:
         """Truncation from the left (TEI `truncation_direction: left`, Cohere `truncate: START`): a text
-        longer than the model's window keeps its last tokens, so the model reads its end."""
+        longer than the model's window keeps its last tokens, so the model reads its end (and the prompt
+        that goes before it)."""
 
         def cut() -> list[str]:
-            room = model.max_tokens - len(model.tokenize([""])[0])
+            reserved = len(model.tokenize([prompt], special=True)[0]) if prompt else len(model.tokenize([""])[0])
+            room = model.max_tokens - reserved
             rows = model.tokenize(texts, special=False)
             if all(len(row) <= room for row in rows):
                 return texts
@@ -173,12 +175,12 @@ class InferenceService:
                 param="dimensions",
             )
         prompt = self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+        if q.truncate and q.truncate_left:
+            texts = await self._cut_start(model, texts, prompt)
         if prompt:
             texts = [prompt + t for t in texts]
         if not q.truncate:
             await self._reject_long(model, texts, "input")
-        elif q.truncate_left:
-            texts = await self._cut_start(model, texts)
         return texts
 
     @staticmethod

@@ -93,19 +93,23 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
         return [row["embedding"] for row in (await inference().embed(tei_to_embed_query(body)))["data"]]
 
     async def predict_rows(body: TeiPredictRequest) -> list[Any]:
+        """TEI's input forms: a string, one sequence as [text] or [text, pair], or a batch [[text], ...]."""
         data = body.inputs
-        single = isinstance(data, str) or (isinstance(data, list) and data and isinstance(data[0], str))
+        pairs = BadRequest("text pairs are scored by a reranker here: send them to /tei/rerank as query and texts",
+                           param="inputs", code="pairs_not_supported")
+        single = isinstance(data, str) or isinstance(data[0] if data else None, str)
         if isinstance(data, str):
             texts = [data]
         elif single:
             if len(data) == 2:
-                raise BadRequest("text pairs are scored by a reranker here: send them to /tei/rerank as query and texts",
-                                 param="inputs", code="pairs_not_supported")
+                raise pairs
+            if len(data) != 1:
+                raise BadRequest(f"'inputs' is a list of {len(data)} strings; TEI reads a list of strings as one sequence "
+                                 "(a text or a pair): send a batch as [[text], [text], ...]", param="inputs")
             texts = list(data)  # type: ignore[arg-type]
         else:
             if any(len(item) != 1 for item in data):  # type: ignore[arg-type]
-                raise BadRequest("text pairs are scored by a reranker here: send them to /tei/rerank as query and texts",
-                                 param="inputs", code="pairs_not_supported")
+                raise pairs
             texts = [item[0] for item in data]  # type: ignore[index]
         result = await inference().classify(ClassifyQuery(texts=texts, model=body.model, raw_scores=body.raw_scores))
         rows = result["data"]

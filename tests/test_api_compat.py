@@ -167,3 +167,26 @@ def test_normalize_false_gives_the_raw_pooled_vector(url, default_model_path):
     tei = httpx.post(url + "/tei/embed", json={"inputs": TEXTS[:2], "normalize": False}).json()
     np.testing.assert_allclose(tei, without_normalize, atol=1e-5)
     np.testing.assert_allclose(openai_vectors(url, TEXTS[:2]), raw, atol=1e-5)  # the default still normalizes
+
+
+def test_tei_predict_and_rerank_with_a_classifier_and_a_cross_encoder(models_server):
+    url = models_server.url
+    native = httpx.post(url + "/classify", json={"model": "classifier", "input": ["good movie", "bad movie"]}).json()
+    single = httpx.post(url + "/tei/predict", json={"model": "classifier", "inputs": "good movie"}).json()
+    batch = httpx.post(url + "/tei/predict", json={"model": "classifier", "inputs": [["good movie"], ["bad movie"]]}).json()
+
+    def rounded(rows):  # batch composition moves the last float digits
+        return [[(p["label"], round(p["score"], 5)) for p in row] for row in rows]
+
+    assert rounded([single]) == rounded(native["data"][:1]) and rounded(batch) == rounded(native["data"])
+    assert len(single) == 3
+    pair = httpx.post(url + "/tei/predict", json={"model": "classifier", "inputs": ["a", "b"]})
+    assert pair.status_code == 422 and "/tei/rerank" in pair.json()["error"]
+    ranks = httpx.post(url + "/tei/rerank", json={"query": "eiffel tower", "texts": ["paris", "cats", "tower"],
+                                                  "raw_scores": True}).json()
+    native_ranks = httpx.post(url + "/rerank", json={"model": "cross-encoder", "query": "eiffel tower",
+                                                     "docs": ["paris", "cats", "tower"], "raw_scores": True}).json()
+    assert [(r["index"], round(r["score"], 5)) for r in ranks] == \
+        [(r["index"], round(r["relevance_score"], 5)) for r in native_ranks["results"]]
+    info = httpx.get(url + "/tei/info", params={"model": "cross-encoder"}).json()
+    assert info["model_type"] == {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
