@@ -38,6 +38,8 @@ EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
 SPARSE_EMBED, TOKEN_EMBED = "sparse", "tokens"
 # Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (README, Performance: the measurement).
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "gpu": 32768}
+# Tokens x non-embedding parameters below which a CPU forward pass runs on one thread (single_thread_tokens).
+SINGLE_THREAD_WORK = 2.0e8
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
 FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
 _PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
@@ -239,11 +241,36 @@ def _on_gpu(settings: Settings) -> bool:
     return torch.cuda.is_available()
 
 
+def single_thread_tokens(replica: Any, settings: Settings) -> int:
+    """Padded tokens up to which a CPU torch forward pass runs on one intra-op thread.
+
+    On a CPU, a small batch gains nothing from OpenMP's second thread and pays for it twice: the
+    fork/join, and the worker's spin-wait afterwards, which takes the core the event loop and the
+    tokenizer need (the zero-cost model at one connection burned 13-14 ms of CPU per request on 2
+    cores). Below about SINGLE_THREAD_WORK token x non-embedding-parameter products one thread is faster
+    (measured on 2 cores, all-MiniLM-L6-v2: 1 text of 10 tokens 15.3 ms on 1 thread vs 18.2 ms on
+    2; 42 tokens 32.5 vs 24.8 ms), so the threshold scales with the model's size.
+    """
+    if _on_gpu(settings):
+        return 0
+    try:
+        import torch
+
+        modules = [m for m in replica.modules() if isinstance(m, torch.nn.Module)] if hasattr(replica, "modules") else []
+    except Exception:  # noqa: BLE001 - not a torch model (ONNX has its own threads)
+        return 0
+    if not modules:
+        return 0
+    embedding = sum(p.numel() for m in modules if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    total = sum(p.numel() for p in replica.parameters())
+    return int(SINGLE_THREAD_WORK / max(total - embedding, 1))
+
+
 def _scheduler(replica: Any, spec: ModelSpec, settings: Settings, pairs: bool) -> ModelScheduler:
     tokens = spec.max_batch_tokens or DEFAULT_BATCH_TOKENS["gpu" if _on_gpu(settings) else "cpu"]
     probe = [(t, t) for t in _PROBE_TEXTS] if pairs else _PROBE_TEXTS
     return ModelScheduler(replica, name=spec.served_name, max_batch_size=spec.batch_size, max_batch_tokens=tokens,
-                          probe=probe)
+                          probe=probe, single_thread_tokens=single_thread_tokens(replica, settings))
 
 
 def import_infinity() -> None:

@@ -204,8 +204,13 @@ class ModelScheduler:
     """Batches, runs and answers the requests of one model replica (see the module docstring)."""
 
     def __init__(self, replica: Any, *, name: str, max_batch_size: int, max_batch_tokens: int,
-                 probe: Sequence[Any], restarts_allowed: int = 3, restart_window_s: float = 60.0) -> None:
+                 probe: Sequence[Any], restarts_allowed: int = 3, restart_window_s: float = 60.0,
+                 single_thread_tokens: int = 0) -> None:
         self.replica = replica
+        # CPU torch models: batches of at most this many padded tokens run on one intra-op thread
+        # (engines.single_thread_tokens says why and how much); 0: never.
+        self.single_thread_tokens = single_thread_tokens
+        self._threads_now = 0
         self.name = name
         self.max_batch_size = max_batch_size
         self.budget = TokenBudget(max_batch_tokens)
@@ -417,6 +422,10 @@ class ModelScheduler:
                 if not request.active:
                     request.active = True
                     self._active.append(request)
+            if self._inbox.empty() and all(r.done or r.tokenized >= len(r.inputs) for r in self._backlog):
+                # Nothing more is coming: say so now, so the forward thread starts on this one wake-up
+                # rather than waking, finding the tokenizer busy, and waiting for the next notify.
+                self._tokenizer_busy = False
             self._cond.notify()
 
     # ---- the forward thread ----
@@ -512,7 +521,19 @@ class ModelScheduler:
             log.exception("model %s: batch loop died", self.name)
             raise
 
+    def _set_threads(self, padded: int) -> None:
+        import torch
+
+        if not self._threads_now:
+            self._threads_default = torch.get_num_threads()  # this thread's own OpenMP setting
+        want = 1 if padded <= self.single_thread_tokens else self._threads_default
+        if want != self._threads_now:
+            torch.set_num_threads(want)
+            self._threads_now = want
+
     def _forward(self, batch: Sequence[_Item]) -> Any:
+        if self.single_thread_tokens:
+            self._set_threads(len(batch) * max(item.length for item in batch))
         features = self.codec.collate([item.features for item in batch])
         return self.replica.encode_post(self.replica.encode_core(features))
 

@@ -302,3 +302,42 @@ def test_out_of_memory_is_recognised_by_type_and_message():
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert is_out_of_memory(Exception("onnxruntime: Failed to allocate memory for requested buffer of size 123"))
     assert not is_out_of_memory(RuntimeError("faulty model: the word 'boom' was in the batch"))
+
+
+def test_small_cpu_batches_run_on_one_thread_and_give_the_same_vectors(faulty_model, default_model_path):
+    """engines.single_thread_tokens: small CPU batches skip OpenMP's second thread (its fork/join and
+    spin-wait); the threshold scales with the model's non-embedding size, and vectors do not change."""
+    import numpy as np
+    import torch
+
+    from runners.engines import load_model, single_thread_tokens
+    from runners.scheduler import ModelScheduler
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cpu"})
+    minilm = load_model(settings.models[0], settings)
+    threshold = minilm.scheduler.single_thread_tokens
+    assert 8 <= threshold <= 40  # ~10.6M non-embedding parameters: a short query, not a sentence batch
+    assert single_thread_tokens(faulty_model.scheduler.replica, settings) > threshold  # a tiny model: more
+    gpu = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cuda"})
+    assert single_thread_tokens(minilm.scheduler.replica, gpu) == 0
+
+    seen: list[tuple[int, int]] = []
+    scheduler = ModelScheduler(minilm.scheduler.replica, name="threads", max_batch_size=8, max_batch_tokens=4096,
+                               probe=["a", "a b c d e f"], single_thread_tokens=threshold)
+    original = scheduler._forward
+
+    def spy(batch):
+        result = original(batch)
+        seen.append((len(batch) * max(item.length for item in batch), torch.get_num_threads()))
+        return result
+
+    scheduler._forward = spy
+    short, long = ["paris"], [" ".join(["the tower of paris"] * 12)] * 12  # a bulk request: queries go alone
+    results = _run_all(scheduler, [short, long, short])
+    assert any(n == 1 for padded, n in seen if padded <= threshold), (seen, threshold)
+    assert all(n == torch.get_num_threads() for padded, n in seen if padded > threshold)
+    alone = minilm.scheduler.replica.encode_post(minilm.scheduler.replica.encode_core(
+        minilm.scheduler.replica.encode_pre(short)))
+    assert np.allclose(results[0][0][0], alone[0], atol=1e-5) and np.allclose(results[2][0][0], alone[0], atol=1e-5)
+    minilm.scheduler.stop()
