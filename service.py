@@ -9,8 +9,6 @@ process imports this module too.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import bentoml
@@ -20,8 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from runners import allocator, metrics
-from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, Unavailable, from_validation_errors
-from runners.http import FrontDoor, JSONBody, client_status_error, configure_logging
+from runners.errors import BadRequest, ModelNotFound, ServiceError, Unavailable, from_validation_errors
+from runners.http import FrontDoor, answer, client_status_error, configure_logging, error_response
 from runners.inference import InferenceService
 from runners.lifecycle import install_in_arbiter, stop_server
 from runners.schemas import (
@@ -41,8 +39,6 @@ from runners.schemas import (
 from runners.settings import SettingsError, apply_offline_defaults, load_settings
 from runners.tei import build_tei_app, rerank_rows
 
-log = logging.getLogger("embed_rerank.service")
-
 try:
     SETTINGS = load_settings()
 except SettingsError as exc:
@@ -55,22 +51,6 @@ try:
     allocator.activate(SETTINGS.allocator)
 except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
-
-
-def error_response(exc: ServiceError) -> JSONResponse:
-    metrics.record_error(exc.type, exc.status)
-    return JSONResponse(exc.envelope(), status_code=exc.status, headers=exc.headers)
-
-
-async def answer(call: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
-    """Run a service method; any failure becomes its status and OpenAI envelope."""
-    try:
-        return JSONBody(await call())
-    except ServiceError as exc:
-        return error_response(exc)
-    except Exception:
-        log.exception("request failed")
-        return error_response(InternalError("the server failed on this request; the log has the traceback"))
 
 
 def _install_error_handlers(app: FastAPI) -> FastAPI:

@@ -9,10 +9,11 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runners import metrics
@@ -31,6 +32,7 @@ from runners.errors import (
     from_validation_errors,
 )
 
+log = logging.getLogger("embed_rerank.service")
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
 TEI_PREFIX = "/tei"  # Text Embeddings Inference's API lives under this prefix (runners.tei)
 
@@ -96,6 +98,24 @@ _CLIENT_STATUS_HINTS = {
     406: ("not_acceptable", "accept application/json"),
     411: ("length_required", "send a Content-Length header"),
 }
+
+
+def error_response(exc: ServiceError, tei: bool = False) -> JSONResponse:
+    """The error's status and body: the OpenAI envelope, or TEI's body (`tei`, routes under /tei)."""
+    metrics.record_error(exc.type, exc.status)
+    status, body = exc.tei() if tei else (exc.status, exc.envelope())
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+async def answer(call: Callable[[], Awaitable[Any]], tei: bool = False) -> Response:
+    """Run a service method; any failure becomes its status and error body."""
+    try:
+        return JSONBody(await call())
+    except ServiceError as exc:
+        return error_response(exc, tei)
+    except Exception:
+        log.exception("request failed")
+        return error_response(InternalError("the server failed on this request; the log has the traceback"), tei)
 
 
 class _BodyTooLarge(Exception):

@@ -10,7 +10,6 @@ request may name one in an extra `model` field, else the first served model that
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +22,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from runners import metrics
 from runners.engines import CLASSIFY, EMBED, RERANK, SPARSE_EMBED, LoadedModel
-from runners.errors import BadRequest, InternalError, ServiceError, Unavailable, from_validation_errors
-from runners.http import JSONBody
+from runners.errors import BadRequest, ServiceError, Unavailable, from_validation_errors
+from runners.http import JSONBody, answer, error_response
 from runners.inference import SPARSE, TOKENS, InferenceService
 from runners.schemas import (
     ClassifyQuery,
@@ -41,24 +39,15 @@ from runners.schemas import (
     tei_to_rerank_query,
 )
 
-log = logging.getLogger("embed_rerank.tei")
 TEI_VERSION = "1.8.0"  # the TEI API version whose shapes these routes follow
 
 
 def tei_error(exc: ServiceError) -> JSONResponse:
-    metrics.record_error(exc.type, exc.status)
-    status, body = exc.tei()
-    return JSONResponse(body, status_code=status, headers=exc.headers)
+    return error_response(exc, tei=True)
 
 
 async def tei_answer(call: Callable[[], Awaitable[Any]]) -> Response:
-    try:
-        return JSONBody(await call())
-    except ServiceError as exc:
-        return tei_error(exc)
-    except Exception:
-        log.exception("request failed")
-        return tei_error(InternalError("the server failed on this request; the log has the traceback"))
+    return await answer(call, tei=True)
 
 
 def _pooling(model: LoadedModel) -> str:
