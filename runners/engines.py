@@ -299,15 +299,20 @@ def _load_multi(spec: ModelSpec, settings: Settings, kind: str, args: Any, start
     capabilities = {SPARSE_EMBED} if SPARSE in replica.outputs else set()
     if TOKENS in replica.outputs:
         capabilities.add(TOKEN_EMBED)
+    rerank_via = None
     if DENSE in replica.outputs:
         # A plain text gets the bare dense vector, as from any embedding replica: embed and the
         # cosine rerank work on these models unchanged.
         capabilities |= {EMBED, RERANK}
+        rerank_via = "embedding-cosine"
+    elif replica.colbert is not None:
+        capabilities.add(RERANK)  # late interaction: runners.inference.InferenceService._maxsim_scores
+        rerank_via = "colbert-maxsim"
     return LoadedModel(
         spec=spec,
         scheduler=_scheduler(replica, spec, settings, pairs=False),
         capabilities=frozenset(capabilities),
-        rerank_via="embedding-cosine" if DENSE in replica.outputs else None,
+        rerank_via=rerank_via,
         tokenizer=copy.deepcopy(replica.tokenizer),
         max_tokens=replica.max_length,
         dimensions=replica.dimensions,
@@ -422,6 +427,9 @@ def _leave_normalization_to_the_service(replica: Any) -> None:
         del replica[len(modules) - 1]
 
 
+_RERANK_PREFERENCE = {"colbert-maxsim": 1, "embedding-cosine": 2}
+
+
 class EngineRegistry:
     """Every served model, found by name or by capability, with bounded queues."""
 
@@ -530,8 +538,9 @@ class EngineRegistry:
             served = ", ".join(m.name for m in self.models)
             raise ModelNotFound(f"model {model!r} is not served here; served models: {served}", param="model")
         capable = [m for m in self.models if capability in m.capabilities]
-        # A real reranker beats the cosine fallback of an embedding model listed before it.
-        capable.sort(key=lambda m: m.rerank_via == "embedding-cosine" if capability == RERANK else False)
+        # A real reranker beats ColBERT's late interaction, which beats the cosine fallback of an
+        # embedding model listed before them.
+        capable.sort(key=lambda m: _RERANK_PREFERENCE.get(m.rerank_via, 0) if capability == RERANK else 0)
         if capable:
             return capable[0]
         if not self.ready:

@@ -25,6 +25,7 @@ from runners.settings import Settings
 DENSE, SPARSE, TOKENS = "dense", "sparse", "tokens"  # the outputs a request may ask for (runners.sparse)
 OUTPUT_CAPABILITY = {DENSE: EMBED, SPARSE: SPARSE_EMBED, TOKENS: TOKEN_EMBED}
 OUTPUT_KEYS = {DENSE: "dense_embedding", SPARSE: "sparse_embedding", TOKENS: "token_embeddings"}
+MAXSIM_CHUNK = 128  # documents whose ColBERT token vectors are held at once while reranking
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -392,7 +393,27 @@ class InferenceService:
 
         return await asyncio.to_thread(cut)
 
+    async def _maxsim_scores(self, model: LoadedModel, q: RerankQuery, docs: list[str]) -> tuple[list[float], int]:
+        """ColBERT late interaction: per document, the mean over the query's token vectors of their best
+        cosine with the document's token vectors (ColBERT's MaxSim sum divided by the query length, so
+        scores lie in [-1, 1]). Documents go in chunks: their token vectors are dropped once scored."""
+        from runners.sparse import MultiInput
+
+        (query,), usage = await self.registry.run(model, RERANK, [MultiInput(q.query, (TOKENS,), True)])
+        query_vectors = np.asarray(query[TOKENS], dtype=np.float32)
+        scores: list[float] = []
+        for start in range(0, len(docs), MAXSIM_CHUNK):
+            chunk = [MultiInput(d, (TOKENS,), False) for d in docs[start:start + MAXSIM_CHUNK]]
+            results, used = await self.registry.run(model, RERANK, chunk)
+            usage += used
+            for r in results:
+                doc = np.asarray(r[TOKENS], dtype=np.float32)
+                scores.append(float((query_vectors @ doc.T).max(axis=1).mean()) if len(doc) else 0.0)
+        return scores, int(usage)
+
     async def _scores(self, model: LoadedModel, q: RerankQuery, docs: list[str]) -> tuple[list[float], int]:
+        if model.rerank_via == "colbert-maxsim":
+            return await self._maxsim_scores(model, q, docs)
         if model.rerank_via == "embedding-cosine":
             query_text = self._prompt(model, "query", q.instruction) + q.query
             doc_prompt = self._prompt(model, "document", None)

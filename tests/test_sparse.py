@@ -140,7 +140,8 @@ def test_loaded_models_say_what_they_give(models):
     assert bge.capabilities == {EMBED, RERANK, SPARSE_EMBED, TOKEN_EMBED}
     assert bge.outputs == ("dense", "sparse", "tokens") and bge.dimensions == 32 and bge.token_dimensions == 32
     assert bge.tokens_normalized and not bge.query_aware and bge.max_tokens == 126
-    assert colbert.capabilities == {TOKEN_EMBED} and colbert.outputs == ("tokens",) and colbert.token_dimensions == 16
+    assert colbert.capabilities == {TOKEN_EMBED, RERANK} and colbert.outputs == ("tokens",) and colbert.token_dimensions == 16
+    assert colbert.rerank_via == "colbert-maxsim"
     assert colbert.query_aware and colbert.tokens_normalized and colbert.max_tokens == 39  # 40 less the [D] marker
     assert tokens.capabilities == {EMBED, RERANK, TOKEN_EMBED} and not tokens.tokens_normalized
     assert models["colbert-stanford"].query_aware and models["colbert-stanford"].token_dimensions == 16

@@ -141,3 +141,21 @@ def test_runpod_sparse_job(tmp_path, folders):
         np.testing.assert_allclose(got["values"], [want[k] for k in sorted(want)], atol=1e-4)
     finally:
         worker.stop()
+
+
+def test_colbert_reranks_by_maxsim(url):
+    docs = ["paris is the capital of france", "the cat sat on the mat", "rome is in italy", "eiffel tower paris"]
+    ranked = httpx.post(url + "/rerank", json={"model": "colbert", "query": "where is paris", "docs": docs}).json()
+
+    def tokens(text, input_type):
+        body = {"model": "colbert", "input": text, "output": "tokens", "input_type": input_type}
+        return np.asarray(httpx.post(url + "/embed", json=body).json()["data"][0]["embedding"])
+
+    query = tokens("where is paris", "query")
+    want = [float((query @ tokens(d, "document").T).max(axis=1).mean()) for d in docs]
+    got = {r["index"]: r["relevance_score"] for r in ranked["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(docs))], want, atol=1e-5)
+    assert [r["index"] for r in ranked["results"]] == sorted(range(len(docs)), key=lambda i: -want[i])
+    models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
+    assert models["colbert"]["rerank_via"] == "colbert-maxsim" and "rerank" in models["colbert"]["capabilities"]
+    assert ranked["usage"]["total_tokens"] > 0
