@@ -317,7 +317,10 @@ class InferenceService:
             for name in q.outputs:
                 value = encoded[i] if name == DENSE else row[name]
                 if name == TOKENS:
-                    value = np.asarray(value, dtype=np.float32).tolist()
+                    vectors = np.asarray(value, dtype=np.float32)
+                    # base64: the [tokens, token_dimensions] float32 matrix, little-endian, row after row
+                    value = base64.b64encode(vectors.astype("<f4").tobytes()).decode("ascii") \
+                        if q.encoding_format == "base64" else vectors.tolist()
                 item["embedding" if name == first else OUTPUT_KEYS[name]] = value
             data.append(item)
         return {"object": "list", "model": model.name, "data": data,

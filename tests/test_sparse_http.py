@@ -5,6 +5,7 @@ themselves are checked in-process in tests/test_sparse.py."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -84,6 +85,11 @@ def test_bge_m3_all_outputs_from_one_request(url):
         vectors = np.asarray(item["token_embeddings"])
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)  # ColBERT vectors are unit length
     assert body["usage"] == plain["usage"]
+    packed = httpx.post(url + "/embed", json={"model": "bge-m3", "input": TEXTS, "output": "tokens",
+                                              "encoding_format": "base64"}).json()
+    for i, item in enumerate(packed["data"]):
+        matrix = np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4").reshape(-1, 32)
+        np.testing.assert_allclose(matrix, body["data"][i]["token_embeddings"], atol=1e-6)
 
 
 def test_sparse_top_k_keeps_the_largest(url):
