@@ -5,10 +5,11 @@ itself (schema validation, traffic limits, unknown paths)."""
 from __future__ import annotations
 
 import hmac
+import itertools
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -118,6 +119,16 @@ async def answer(call: Callable[[], Awaitable[Any]], tei: bool = False) -> Respo
         return error_response(InternalError("the server failed on this request; the log has the traceback"), tei)
 
 
+# Request ids: unique per process by a counter behind a random per-process prefix (32 hex characters, as
+# uuid4().hex was). uuid4 reads os.urandom per call: 5 % of the event loop's samples at 64 connections.
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -192,7 +203,7 @@ class FrontDoor:
             # the mounted app sees as "/" (without this, Starlette would answer a redirect).
             scope = dict(scope, path=TEI_PREFIX + "/", raw_path=(TEI_PREFIX + "/").encode())
         given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
-        request_id = given if given.isprintable() and given else uuid.uuid4().hex
+        request_id = given if given.isprintable() and given else _new_request_id()
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         started = time.perf_counter()
         status = 500

@@ -131,3 +131,12 @@ def test_openapi_fuzz_no_server_errors(default_server):
             case.call_and_validate(checks=[not_a_server_error, content_type_conformance, response_schema_conformance])
 
         check()
+
+
+def test_generated_request_ids_are_unique_32_hex_characters(default_server):
+    from runners.http import _new_request_id
+
+    ids = {_new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    answered = {httpx.post(default_server.url + "/embed", json={"input": "x"}).headers["x-request-id"] for _ in range(3)}
+    assert len(answered) == 3 and all(len(i) == 32 for i in answered)
