@@ -11,7 +11,6 @@ overhead against the bare forward pass with the MLM head, and the sparse payload
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import string
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import checkpoints  # noqa: E402
+from test_faults import _run_all as run_batched  # noqa: E402
 
 TEXTS = [
     "the cat sat on the mat.",
@@ -57,20 +57,8 @@ def _run_all(model, requests: list[list]) -> list:
     scheduler = ModelScheduler(model.scheduler.replica, name="multi", max_batch_size=8, max_batch_tokens=1 << 20,
                                probe=["a", "a b c d e f"])
 
-    async def go() -> list:
-        tasks = [asyncio.ensure_future(scheduler.run(items)) for items in requests]
-        await asyncio.sleep(0)
-        scheduler._spawn("tokenizer")
-        deadline = time.monotonic() + 20
-        while scheduler.queued < sum(len(r) for r in requests) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        scheduler._spawn("forward")
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    try:
-        return asyncio.run(go()), scheduler.counters["batches"]
-    finally:
-        scheduler.stop()
+    results = run_batched(scheduler, requests)  # stops the scheduler; its counters stay readable
+    return results, scheduler.counters["batches"]
 
 
 def _same(got, want) -> None:
