@@ -251,17 +251,12 @@ def single_thread_tokens(replica: Any, settings: Settings) -> int:
     (measured on 2 cores, all-MiniLM-L6-v2: 1 text of 10 tokens 15.3 ms on 1 thread vs 18.2 ms on
     2; 42 tokens 32.5 vs 24.8 ms), so the threshold scales with the model's size.
     """
-    if _on_gpu(settings):
-        return 0
-    try:
-        import torch
+    import torch
 
-        modules = [m for m in replica.modules() if isinstance(m, torch.nn.Module)] if hasattr(replica, "modules") else []
-    except Exception:  # noqa: BLE001 - not a torch model (ONNX has its own threads)
+    # Replicas that are not a torch module (ONNX with its own threads, wrappers) keep their threads.
+    if _on_gpu(settings) or not isinstance(replica, torch.nn.Module):
         return 0
-    if not modules:
-        return 0
-    embedding = sum(p.numel() for m in modules if isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False))
+    embedding = sum(p.numel() for m in replica.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
     total = sum(p.numel() for p in replica.parameters())
     return int(SINGLE_THREAD_WORK / max(total - embedding, 1))
 

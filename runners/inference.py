@@ -130,17 +130,22 @@ class InferenceService:
             return model.prompts.get("document", model.prompts.get("passage", ""))
         return ""
 
-    async def _texts_from_ids(self, model: LoadedModel, ids: list[list[int]]) -> list[str]:
+    @staticmethod
+    def _check_vocabulary(model: LoadedModel, ids: list[list[int]], param: str, allow_empty: bool = False) -> None:
+        """Every id inside the model's vocabulary (and, for inputs, no empty row), named by its row."""
         vocab = model.vocab_size
         for i, row in enumerate(ids):
-            if not row:
-                raise BadRequest(f"'input[{i}]' is an empty token list", param="input")
+            if not row and not allow_empty:
+                raise BadRequest(f"'{param}[{i}]' is an empty token list", param=param)
             bad = next((t for t in row if t < 0 or t >= vocab), None)
             if bad is not None:
                 raise BadRequest(
-                    f"'input[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
-                    param="input",
+                    f"'{param}[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
+                    param=param,
                 )
+
+    async def _texts_from_ids(self, model: LoadedModel, ids: list[list[int]]) -> list[str]:
+        self._check_vocabulary(model, ids, "input")
         return await asyncio.to_thread(model.decode, ids)
 
     async def embed_vectors(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, int]:
@@ -265,9 +270,6 @@ class InferenceService:
         from runners.sparse import MultiInput
 
         model = self._model_with(q.model, q.outputs)
-        if not model.outputs:  # a classic embedding model asked for dense only in a list
-            model, vectors, usage = await self.embed_matrix(q)
-            return model, [{DENSE: v} for v in vectors], usage
         texts = await self._texts(model, q)
         if TOKENS in q.outputs:
             await self._check_token_vector_size(model, texts)
@@ -370,12 +372,7 @@ class InferenceService:
     async def decode(self, ids: list[list[int]], model_name: str | None, skip_special: bool = True) -> list[str]:
         model = self.any_model(model_name)
         self._check_count(len(ids), "ids")
-        vocab = model.vocab_size
-        for i, row in enumerate(ids):
-            bad = next((t for t in row if t < 0 or t >= vocab), None)
-            if bad is not None:
-                raise BadRequest(f"'ids[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
-                                 param="ids")
+        self._check_vocabulary(model, ids, "ids", allow_empty=True)
         return await asyncio.to_thread(model.decode, ids, skip_special)
 
     def any_model(self, name: str | None) -> LoadedModel:

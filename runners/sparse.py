@@ -250,15 +250,22 @@ _POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tok
                  "max": "pooling_mode_max_tokens", "lasttoken": "pooling_mode_lasttoken"}
 
 
+def pooling_config(path: str, modules: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The config of a sentence-transformers folder's Pooling module; None when it has none."""
+    pooling = _module_path(_modules(path) if modules is None else modules, "Pooling")
+    if pooling is None:
+        return None
+    return _read_json(model_file(path, f"{pooling}/config.json" if pooling else "config.json")) or {}
+
+
 def _pooling_mode(path: str, modules: list[dict[str, Any]]) -> str:
     """The pooling of a sentence-transformers folder (mean when the folder is not one, as ST does)."""
     others = [m.get("type") for m in modules if not m.get("type", "").endswith(("Transformer", "Pooling", "Normalize"))]
     if others:
         raise ValueError(f"{path}: modules {others} are not served with MODEL_KINDS=tokens")
-    pooling = _module_path(modules, "Pooling")
-    if pooling is None:
+    config = pooling_config(path, modules)
+    if config is None:
         return "mean"
-    config = _read_json(model_file(path, f"{pooling}/config.json" if pooling else "config.json")) or {}
     on = [key for key, value in config.items() if key.startswith("pooling_mode_") and value]
     modes = [mode for mode, key in _POOLING_KEYS.items() if config.get(key)]
     if len(on) != 1 or len(modes) != 1 or config.get("include_prompt") is False:

@@ -38,6 +38,7 @@ from runners.schemas import (
     tei_to_embed_query,
     tei_to_rerank_query,
 )
+from runners.sparse import pooling_config
 
 TEI_VERSION = "1.8.0"  # the TEI API version whose shapes these routes follow
 
@@ -54,13 +55,14 @@ def _pooling(model: LoadedModel) -> str:
     """TEI's `pooling` name for /info, from the sentence-transformers folder when there is one."""
     if model.rerank_via == "qwen3-yes-no" or model.prompts.get("query", "").startswith("Instruct:"):
         return "last_token"
-    folder = Path(model.spec.name_or_path)
-    for config in sorted(folder.glob("*Pooling*/config.json")) if folder.is_dir() else []:
-        text = config.read_text()
-        for key, name in (("pooling_mode_cls_token\": true", "cls"), ("pooling_mode_lasttoken\": true", "last_token"),
-                          ("pooling_mode_mean_tokens\": true", "mean")):
-            if key in text:
-                return name
+    folder = model.spec.name_or_path
+    if not Path(folder).is_dir():  # a hub id: no download on a request's path
+        return "mean"
+    config = pooling_config(folder) or {}
+    for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last_token"),
+                      ("pooling_mode_mean_tokens", "mean")):
+        if config.get(key):
+            return name
     return "mean"
 
 
