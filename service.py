@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from runners import allocator, metrics
 from runners.errors import BadRequest, ModelNotFound, ServiceError, Unavailable, from_validation_errors
-from runners.http import FrontDoor, answer, client_status_error, configure_logging, error_response
+from runners.http import FastRoute, FrontDoor, answer, client_status_error, configure_logging, error_response
 from runners.inference import InferenceService
 from runners.lifecycle import install_in_arbiter, stop_server
 from runners.schemas import (
@@ -37,7 +37,7 @@ from runners.schemas import (
     to_rerank_query,
 )
 from runners.settings import SettingsError, apply_offline_defaults, load_settings
-from runners.tei import build_tei_app, rerank_rows
+from runners.tei import build_tei_app, rerank_rows, tei_fast_routes
 
 try:
     SETTINGS = load_settings()
@@ -103,27 +103,67 @@ async def openai_models() -> Response:
     return await answer(listing)
 
 
+# What each model route does with its validated body. The routes below call these, and so does
+# FrontDoor, which answers a well-formed request to these paths without the framework's layers.
+async def embed_body(body: EmbeddingRequest) -> dict[str, Any]:
+    return await inference().embed(to_embed_query(body))
+
+
+async def native_rerank_body(body: RerankRequest) -> Any:
+    if body.documents is None:  # TEI's body: answered in TEI's shape (RerankRequest says why)
+        tei_body = TeiRerankRequest(query=body.query, texts=body.texts or [], raw_scores=body.raw_scores,
+                                    return_text=body.return_text, model=body.model)
+        return await rerank_rows(inference(), tei_body)  # errors: this route's envelope
+    return await inference().rerank(to_rerank_query(body), "native")
+
+
+async def v1_rerank_body(body: V1RerankRequest) -> dict[str, Any]:
+    return await inference().rerank(to_rerank_query(body), "v1")
+
+
+async def v2_rerank_body(body: V2RerankRequest) -> dict[str, Any]:
+    return await inference().rerank(to_rerank_query(body), "v2")
+
+
+async def v2_embed_body(body: CohereEmbedRequest) -> dict[str, Any]:
+    return await inference().cohere_embed(cohere_to_embed_query(body))
+
+
+async def classify_body(body: ClassifyRequest) -> dict[str, Any]:
+    return await inference().classify(to_classify_query(body))
+
+
 @openai_app.post("/embeddings")
 async def openai_embeddings(body: EmbeddingRequest) -> Response:
-    return await answer(lambda: inference().embed(to_embed_query(body)))
+    return await answer(lambda: embed_body(body))
 
 
 @openai_app.post("/rerank")
 async def v1_rerank(body: V1RerankRequest) -> Response:
-    return await answer(lambda: inference().rerank(to_rerank_query(body), "v1"))
+    return await answer(lambda: v1_rerank_body(body))
 
 
 @cohere_v2_app.post("/rerank")
 async def v2_rerank(body: V2RerankRequest) -> Response:
-    return await answer(lambda: inference().rerank(to_rerank_query(body), "v2"))
+    return await answer(lambda: v2_rerank_body(body))
 
 
 @cohere_v2_app.post("/embed")
 async def v2_embed(body: CohereEmbedRequest) -> Response:
-    return await answer(lambda: inference().cohere_embed(cohere_to_embed_query(body)))
+    return await answer(lambda: v2_embed_body(body))
 
 
 tei_app = build_tei_app(inference)
+FAST_ROUTES = {
+    "/embed": FastRoute(EmbeddingRequest, embed_body),
+    "/rerank": FastRoute(RerankRequest, native_rerank_body),
+    "/classify": FastRoute(ClassifyRequest, classify_body),
+    "/v1/embeddings": FastRoute(EmbeddingRequest, embed_body),
+    "/v1/rerank": FastRoute(V1RerankRequest, v1_rerank_body),
+    "/v2/embed": FastRoute(CohereEmbedRequest, v2_embed_body),
+    "/v2/rerank": FastRoute(V2RerankRequest, v2_rerank_body),
+    **tei_fast_routes(inference),
+}
 
 
 @bentoml.asgi_app(tei_app, path="/tei")
@@ -175,25 +215,22 @@ class EmbeddingService:
 
     # ---- native routes ----
 
+    # (the same functions as FrontDoor's fast path, FAST_ROUTES)
+
     @bentoml.api(route="/embed", input_spec=EmbeddingRequest)
     async def embed(self, **params: Any) -> dict:
-        query = to_embed_query(EmbeddingRequest.model_construct(**params))
-        return await answer(lambda: self.inference.embed(query))
+        body = EmbeddingRequest.model_construct(**params)
+        return await answer(lambda: embed_body(body))
 
     @bentoml.api(route="/rerank", input_spec=RerankRequest)
     async def rerank(self, **params: Any) -> dict:
-        req = RerankRequest.model_construct(**params)
-        if req.documents is None:  # TEI's body: answered in TEI's shape (RerankRequest says why)
-            tei_body = TeiRerankRequest(query=req.query, texts=req.texts or [], raw_scores=req.raw_scores,
-                                        return_text=req.return_text, model=req.model)
-            return await answer(lambda: rerank_rows(self.inference, tei_body))  # errors: this route's envelope
-        query = to_rerank_query(req)
-        return await answer(lambda: self.inference.rerank(query, "native"))
+        body = RerankRequest.model_construct(**params)
+        return await answer(lambda: native_rerank_body(body))
 
     @bentoml.api(route="/classify", input_spec=ClassifyRequest)
     async def classify(self, **params: Any) -> dict:
-        query = to_classify_query(ClassifyRequest.model_construct(**params))
-        return await answer(lambda: self.inference.classify(query))
+        body = ClassifyRequest.model_construct(**params)
+        return await answer(lambda: classify_body(body))
 
     @bentoml.api(route="/tokenize", input_spec=TokenizeRequest)
     async def tokenize(self, **params: Any) -> dict:
@@ -204,4 +241,4 @@ class EmbeddingService:
 
 
 EmbeddingService.add_asgi_middleware(FrontDoor, api_keys=SETTINGS.api_keys, metrics_public=SETTINGS.metrics_public,
-                                     max_body_bytes=SETTINGS.max_body_bytes)
+                                     max_body_bytes=SETTINGS.max_body_bytes, fast_routes=FAST_ROUTES)

@@ -39,6 +39,7 @@ log = logging.getLogger("embed_rerank.scheduler")
 
 TOKENIZE_CHUNK = 64  # texts per encode_pre call: a bulk request does not hold the tokenizer for long
 SMALL_REQUEST_ITEMS = 8  # requests with at most this many items go first in every round
+INLINE_TOKENIZE_CHARS = 2048  # an idle scheduler tokenizes a small request this long on the caller's thread
 GROW_AFTER_BATCHES = 64  # good batches in a row before a shrunken token budget grows by a quarter
 OOM_MEMORY_S = 600.0  # for this long after an OOM the budget stays below the size that failed
 _OOM_PHRASES = ("out of memory", "failed to allocate memory", "cannot allocate memory", "can't allocate memory")
@@ -158,6 +159,19 @@ class _Item:
     length: int
 
 
+def _chars(inputs: Sequence[Any]) -> int | None:
+    """Characters in texts or text pairs; None for any other kind of input."""
+    total = 0
+    for x in inputs:
+        if isinstance(x, str):
+            total += len(x)
+        elif type(x) is tuple and all(isinstance(part, str) for part in x):
+            total += sum(len(part) for part in x)
+        else:
+            return None
+    return total
+
+
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
@@ -226,6 +240,7 @@ class ModelScheduler:
         self._pending = 0  # items in the active requests' `ready` queues
         self._pending_tokens = 0  # and their tokens
         self._tokenizer_busy = False
+        self._tokenizer_lock = threading.Lock()  # one encode_pre at a time: HF tokenizers are not thread-safe
         self._bulk_turn = False
         self._seq = itertools.count()
         self._stopping = False
@@ -332,12 +347,31 @@ class ModelScheduler:
             seq=next(self._seq), priority=0 if len(inputs) <= SMALL_REQUEST_ITEMS else 1, inputs=inputs, loop=loop,
             future=loop.create_future(), results=[None] * len(inputs), remaining=len(inputs),
         )
-        self._inbox.put(request)
+        if not self._tokenize_here(request):
+            self._inbox.put(request)
         try:
             return await request.future
         except asyncio.CancelledError:
             request.done = True  # its items still queued are dropped when a batch meets them
             raise
+
+    def _tokenize_here(self, request: _Request) -> bool:
+        """A small request that finds the scheduler idle is tokenized right here (a fraction of a
+        millisecond) and goes straight to the forward thread: one thread hand-off less for a lone
+        query. Under load the tokenizer thread does it, many requests per call, off the event loop."""
+        if (self._pending or self._busy_since is not None or self._tokenizer_busy or not self._inbox.empty()
+                or self._stopping or len(request.inputs) > SMALL_REQUEST_ITEMS):
+            return False
+        chars = _chars(request.inputs)
+        if chars is None or chars > INLINE_TOKENIZE_CHARS:
+            return False
+        if not self._tokenizer_lock.acquire(blocking=False):
+            return False
+        try:
+            self._tokenize([(request, 0, len(request.inputs))])
+        finally:
+            self._tokenizer_lock.release()
+        return True
 
     # ---- the tokenizer thread ----
 
@@ -364,7 +398,8 @@ class ModelScheduler:
                     self._backlog.append(incoming)
                 self._backlog.sort(key=lambda r: (r.priority, r.seq))
                 parts = self._next_chunk()
-                self._tokenize(parts)
+                with self._tokenizer_lock:
+                    self._tokenize(parts)
                 self._backlog = [r for r in self._backlog if not r.done and r.tokenized < len(r.inputs)]
                 parts = []
         except BaseException as exc:

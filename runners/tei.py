@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 
 from runners.engines import CLASSIFY, EMBED, RERANK, SPARSE_EMBED, LoadedModel
 from runners.errors import BadRequest, ServiceError, Unavailable, from_validation_errors
-from runners.http import JSONBody, answer, error_response
+from runners.http import TEI_PREFIX, FastRoute, JSONBody, answer, error_response
 from runners.inference import SPARSE, TOKENS, InferenceService
 from runners.schemas import (
     ClassifyQuery,
@@ -80,9 +80,6 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
         err.status = exc.status_code
         return tei_error(err)
 
-    async def embed_rows(body: TeiEmbedRequest) -> list[list[float]]:
-        return [row["embedding"] for row in (await inference().embed(tei_to_embed_query(body)))["data"]]
-
     async def predict_rows(body: TeiPredictRequest) -> list[Any]:
         """TEI's input forms: a string, one sequence as [text] or [text, pair], or a batch [[text], ...]."""
         data = body.inputs
@@ -120,7 +117,7 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
 
     @app.post("/embed")
     async def embed(body: TeiEmbedRequest) -> Response:
-        return await tei_answer(lambda: embed_rows(body))
+        return await tei_answer(lambda: embed_rows(inference(), body))
 
     @app.post("/rerank")
     async def rerank(body: TeiRerankRequest) -> Response:
@@ -208,6 +205,18 @@ def build_tei_app(inference: Callable[[], InferenceService]) -> FastAPI:
             return tei_error(from_validation_errors(list(exc.errors())))
 
     return app
+
+
+def tei_fast_routes(inference: Callable[[], InferenceService]) -> dict[str, FastRoute]:
+    """The TEI routes that FrontDoor answers itself when their body is valid (runners.http.FastRoute)."""
+    return {
+        TEI_PREFIX + "/embed": FastRoute(TeiEmbedRequest, lambda body: embed_rows(inference(), body)),
+        TEI_PREFIX + "/rerank": FastRoute(TeiRerankRequest, lambda body: rerank_rows(inference(), body)),
+    }
+
+
+async def embed_rows(service: InferenceService, body: TeiEmbedRequest) -> list[list[float]]:
+    return [row["embedding"] for row in (await service.embed(tei_to_embed_query(body)))["data"]]
 
 
 async def rerank_rows(service: InferenceService, body: TeiRerankRequest) -> list[dict[str, Any]]:

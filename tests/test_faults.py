@@ -341,3 +341,64 @@ def test_small_cpu_batches_run_on_one_thread_and_give_the_same_vectors(faulty_mo
         minilm.scheduler.replica.encode_pre(short)))
     assert np.allclose(results[0][0][0], alone[0], atol=1e-5) and np.allclose(results[2][0][0], alone[0], atol=1e-5)
     minilm.scheduler.stop()
+
+
+def test_a_lone_small_request_is_tokenized_on_the_callers_thread_and_never_beside_the_tokenizer(faulty_model):
+    """An idle scheduler tokenizes a small request where it arrives (one thread hand-off less);
+    a big request, or any request while work is queued or running, goes to the tokenizer thread;
+    the two never run the (not thread-safe) tokenizer at the same time."""
+    import random
+    import threading
+
+    import numpy as np
+
+    from runners.scheduler import INLINE_TOKENIZE_CHARS, SMALL_REQUEST_ITEMS, ModelScheduler
+
+    replica = faulty_model.scheduler.replica
+    where: list[str] = []
+    active = [0, 0]  # now, most at once
+    guard = threading.Lock()
+
+    def encode_pre(inputs):
+        with guard:
+            active[0] += 1
+            active[1] = max(active)
+        where.append(threading.current_thread().name)
+        time.sleep(0.002)  # long enough for the other thread to try
+        try:
+            return replica.encode_pre(inputs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    spy = type("Spy", (), {"encode_pre": staticmethod(encode_pre), "encode_core": replica.encode_core,
+                           "encode_post": replica.encode_post})()
+    scheduler = ModelScheduler(spy, name="inline", max_batch_size=8, max_batch_tokens=4096, probe=["a", "a b c d e f"])
+    scheduler.start()
+
+    async def go() -> None:
+        where.clear()
+        (vector,), _ = await scheduler.run(["the cat sat"])
+        assert where == [threading.main_thread().name]
+        alone = replica.encode_post(replica.encode_core(replica.encode_pre(["the cat sat"])))[0]
+        assert np.allclose(vector, alone, atol=1e-6)
+        for big in (["word"] * (SMALL_REQUEST_ITEMS + 1), ["w" * (INLINE_TOKENIZE_CHARS + 1)]):
+            where.clear()
+            await scheduler.run(big)
+            assert where and threading.main_thread().name not in where
+        where.clear()
+        rng = random.Random(0)
+
+        async def client(i: int) -> None:
+            for j in range(15):
+                await asyncio.sleep(rng.random() * 0.004)
+                await scheduler.run([f"client {i} text {j}"] if j % 4 else [f"bulk {i} {j} {k}" for k in range(20)])
+
+        await asyncio.gather(*(client(i) for i in range(6)))
+
+    try:
+        asyncio.run(go())
+    finally:
+        scheduler.stop()
+    assert active[1] == 1
+    assert threading.main_thread().name in where and any(name.startswith("tokenizer:") for name in where)
