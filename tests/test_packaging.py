@@ -36,8 +36,9 @@ def built_bento(tmp_path_factory, default_model_path, tiny_models) -> dict[str, 
     out = subprocess.run([BENTOML, "build", "--output", "tag", str(ROOT)], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True).stdout
     tag = re.search(r"embed-rerank:\w+", out).group(0)
-    path = subprocess.run([BENTOML, "get", tag, "-o", "path"], env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    # BentoML prints through rich, which wraps a long path at the terminal's width (80 without one).
+    path = subprocess.run([BENTOML, "get", tag, "-o", "path"], env=env | {"COLUMNS": "4096"}, check=True,
+                          capture_output=True, text=True).stdout.strip()
     return {"home": str(home), "tag": tag, "path": path}
 
 
