@@ -672,7 +672,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     interrupted: list[str] = []
 
     load_client: LoadClient | None = None
-    if not args.skip_zero_cost or forward_on:
+    if not args.skip_zero_cost or forward_on or sweep:
         load_client, why = resolve_load_client(args)
         if load_client is None:
             print(f"wrk rows skipped (zero-cost model, wrk one-client p50): {why}", flush=True)
@@ -749,6 +749,10 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if isinstance(target, HttpTarget):
                     await target.start()
             raw = await sweep_rounds(args, targets, sentences)
+            if load_client is not None and load_client.kind == "wrk":
+                wrk_targets = [LoadTarget(t.name, t.url, t.path, t.model, pids.get(t.name))
+                               for t in targets if isinstance(t, HttpTarget)]
+                result["systems_wrk"] = summarize_points(await wrk_sweep(args, load_client, wrk_targets, sentences))
 
         # From here on a SIGINT (gpu_bench.sh's time budget) ends the part under way and skips the rest,
         # and what was measured is still written.
@@ -837,6 +841,25 @@ async def sweep_rounds(args: argparse.Namespace, targets: list[Any],
                       f"cpu/text server {point.get('server_cpu_ms_per_text', float('nan')):5.1f} ms "
                       f"client {point.get('client_cpu_ms_per_text', 0.0):4.1f} ms  errors {point['errors']}",
                       flush=True)
+    return raw
+
+
+async def wrk_sweep(args: argparse.Namespace, client: LoadClient, targets: list[LoadTarget],
+                    sentences: list[str]) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """The sweep's HTTP points again with wrk as the client: the httpx client costs 2.5-4 ms of CPU a
+    request on the server's own cores, wrk a small fraction of that, so these rows are the servers' own
+    throughput against the in-process engine (interleaved rounds, like the sweep)."""
+    raw: dict[str, dict[int, list[dict[str, Any]]]] = {t.name: {c: [] for c in args.concurrency} for t in targets}
+    for target in targets:
+        await client.point(target, sentences, max(args.concurrency), 1)
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for target in targets:
+                point = await client.point(target, sentences, c, args.seconds)
+                raw[target.name][c].append(point)
+                print(f"  wrk round {r + 1} c={c:<4} {target.name:<16} {point['requests_per_s']:8.1f} texts/s  "
+                      f"p50 {fmt(point['p50_ms'], 1):>7} ms  cpu/text server "
+                      f"{fmt(point.get('server_cpu_ms_per_request'), 1):>5} ms  errors {point['errors']}", flush=True)
     return raw
 
 
@@ -930,6 +953,15 @@ def sweep_report(args: argparse.Namespace, result: dict[str, Any],
     for variant in args.backends:
         name = f"service_{variant}"
         result["ratios"][f"{name}/service"] = {str(c): ratio(tps(name, c), tps("service", c)) for c in cs}
+    wrk_rows = result.get("systems_wrk", {})
+
+    def wrk_tps(system: str, c: int) -> float | None:
+        return wrk_rows.get(system, {}).get(str(c), {}).get("requests_per_s")
+
+    if wrk_rows:
+        result["ratios"]["service (wrk)/engine"] = {str(c): ratio(wrk_tps("service", c), tps("engine", c)) for c in cs}
+        result["ratios"]["service (wrk)/infinity_server (wrk)"] = {
+            str(c): ratio(wrk_tps("service", c), wrk_tps("infinity_server", c)) for c in cs}
 
     facts, mm = result["model"], result["matmul"]
     peak = mm["gflops_best"]
@@ -952,6 +984,9 @@ def sweep_report(args: argparse.Namespace, result: dict[str, Any],
     goals: dict[str, Any] = {}
     r_engine = result["ratios"]["service/engine"].get(str(top))
     goals[f"service >= 0.85 x engine @{top}"] = None if r_engine is None else r_engine >= 0.85
+    if wrk_rows:
+        r_wrk = result["ratios"]["service (wrk)/engine"].get(str(top))
+        goals[f"service (wrk client) >= 0.85 x engine @{top}"] = None if r_wrk is None else r_wrk >= 0.85
     r_inf = result["ratios"]["service/infinity_server"].get(str(top))
     goals[f"service >= infinity_server @{top}"] = None if r_inf is None else r_inf >= 1.0
     r_p50 = result["ratios"]["p50 service/infinity_server"].get(str(top))
@@ -1089,6 +1124,15 @@ def tables(result: dict[str, Any]) -> str:
             for c, p in by_c.items():
                 out.append(f"| {name} | {c} | {fmt(p.get('texts_per_s'))} | {fmt(p.get('p50_ms'))} | "
                            f"{fmt(p.get('p99_ms'))} | {fmt(p.get('server_cpu_ms_per_text'))} |")
+    if result.get("systems_wrk"):
+        out += ["", "The sweep's HTTP points by wrk (a client that leaves the cores to the server)", "",
+                "| system | clients | texts/s | p50 ms | p99 ms | server CPU ms/text |", "|---|---:|---:|---:|---:|---:|"]
+        for name, by_c in result["systems_wrk"].items():
+            for c, p in by_c.items():
+                out.append(f"| {name} | {c} | {fmt(p.get('requests_per_s'))} | {fmt(p.get('p50_ms'))} | "
+                           f"{fmt(p.get('p99_ms'))} | {fmt(p.get('server_cpu_ms_per_request'))} |")
+        out += [f"- {k}: " + ", ".join(f"{fmt(v, 2)} @{c}" for c, v in by_c.items())
+                for k, by_c in result.get("ratios", {}).items() if "(wrk)" in k]
     zc = result.get("zero_cost", {})
     if zc.get("systems"):
         high, low = zc["connections"]
