@@ -730,7 +730,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 result["forward"] = {"raw": raw_forward(st_model, sentences, args.device, args.forward_runs)}
                 print(f"  forward {result['forward']['raw']['forward_ms']:.2f} ms, "
                       f"tokenize {result['forward']['raw']['tokenize_ms']:.2f} ms", flush=True)
-            del st_model
+            if not forward_on:
+                del st_model
 
         pids = {name: server.proc.pid for name, server in servers.items()}
         service_url = args.service_url or (servers["service"].url if "service" in servers else None)
@@ -761,7 +762,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 result["forward"]["service_one_client"] = await one_client_p50(
                     args, load_client, LoadTarget("service", service_url, "/v1/embeddings", served_name,
                                                   pids.get("service")), sentences,
-                    ran_sweep_at_1=sweep and 1 in args.concurrency)
+                    ran_sweep_at_1=sweep and 1 in args.concurrency,
+                    raw_round=lambda: raw_forward(st_model, sentences, args.device, max(50, args.forward_runs // 2)))
             except asyncio.CancelledError:
                 interrupted.append("forward")
 
@@ -788,7 +790,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         p50s = dict(forward.get("service_one_client", {}).get("p50_ms", {}))
         if sweep and 1 in args.concurrency:
             p50s.setdefault("httpx", result["systems"].get("service", {}).get("1", {}).get("p50_ms"))
-        forward |= gap_report(forward["raw"], p50s)
+        forward |= gap_report(forward["raw"], p50s, forward.get("service_one_client", {}).get("gap_ms_rounds"))
         goals |= forward["goals"]
     if "hol" in result:
         for name, goal in result["hol"].get("goals", {}).items():
@@ -864,15 +866,27 @@ async def wrk_sweep(args: argparse.Namespace, client: LoadClient, targets: list[
 
 
 async def one_client_p50(args: argparse.Namespace, client: LoadClient | None, target: LoadTarget,
-                         sentences: list[str], ran_sweep_at_1: bool) -> dict[str, Any]:
-    """The service's one-client p50 by the lightest client here: wrk if it runs (else the sweep's httpx figure)."""
+                         sentences: list[str], ran_sweep_at_1: bool,
+                         raw_round: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The service's one-client p50 by the lightest client here: wrk if it runs (else the sweep's httpx figure).
+    With `raw_round`, each round first measures the raw forward pass again (the server idle), so that each
+    round's gap compares two measurements taken seconds apart."""
     clients: list[LoadClient] = [client] if client is not None and client.kind == "wrk" else []
     if not ran_sweep_at_1:  # no httpx figure from the sweep: measure one
         clients.append(LoadClient(None, args.scratch / "wrk", 1, "httpx.AsyncClient in the benchmark process"))
-    out: dict[str, Any] = {"p50_ms": {}, "seconds_per_point": args.forward_seconds, "rounds": args.rounds}
+    out: dict[str, Any] = {"p50_ms": {}, "seconds_per_point": args.forward_seconds, "rounds": args.rounds,
+                           "gap_ms_rounds": {}}
     for c in clients:
         await c.point(target, sentences, 1, 1)
-        points = [await c.point(target, sentences, 1, args.forward_seconds) for _ in range(args.rounds)]
+        points, raws = [], []
+        for _ in range(args.rounds):
+            if raw_round is not None:
+                raws.append(raw_round()["forward_ms"])
+            points.append(await c.point(target, sentences, 1, args.forward_seconds))
+        if raws:
+            out[f"{c.kind}_raw_forward_ms_rounds"] = [round(r, 3) for r in raws]
+            out["gap_ms_rounds"][c.kind] = [round(p["p50_ms"] - r, 3) for p, r in zip(points, raws)
+                                            if p["p50_ms"] is not None]
         p50s = [p["p50_ms"] for p in points if p["p50_ms"] is not None]  # None: no answer within the point
         out["p50_ms"][c.kind] = round(statistics.median(p50s), 3) if p50s else None
         out[f"{c.kind}_p50_ms_rounds"] = [None if p is None else round(p, 3) for p in (q["p50_ms"] for q in points)]

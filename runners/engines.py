@@ -39,7 +39,7 @@ SPARSE_EMBED, TOKEN_EMBED = "sparse", "tokens"
 # Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (README, Performance: the measurement).
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "gpu": 32768}
 # Tokens x non-embedding parameters below which a CPU forward pass runs on one thread (single_thread_tokens).
-SINGLE_THREAD_WORK = 2.0e8
+SINGLE_THREAD_WORK = 2.0e7
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
 FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
 _PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
@@ -244,12 +244,14 @@ def _on_gpu(settings: Settings) -> bool:
 def single_thread_tokens(replica: Any, settings: Settings) -> int:
     """Padded tokens up to which a CPU torch forward pass runs on one intra-op thread.
 
-    On a CPU, a small batch gains nothing from OpenMP's second thread and pays for it twice: the
-    fork/join, and the worker's spin-wait afterwards, which takes the core the event loop and the
-    tokenizer need (the zero-cost model at one connection burned 13-14 ms of CPU per request on 2
-    cores). Below about SINGLE_THREAD_WORK token x non-embedding-parameter products one thread is faster
-    (measured on 2 cores, all-MiniLM-L6-v2: 1 text of 10 tokens 15.3 ms on 1 thread vs 18.2 ms on
-    2; 42 tokens 32.5 vs 24.8 ms), so the threshold scales with the model's size.
+    On a CPU, a batch too small to split gains nothing from OpenMP's second thread and pays for it
+    twice: the fork/join, and the worker's spin-wait afterwards, which takes the core the event loop
+    and the tokenizer need (the zero-cost model at one connection burned 13-14 ms of CPU per request
+    on 2 cores, 5.7 ms on one thread). The threshold scales with the model's size: below about
+    SINGLE_THREAD_WORK token x non-embedding-parameter products. For all-MiniLM-L6-v2 that is 1
+    token, i.e. never: one-text requests measured in-process against the raw forward pass on the
+    same machine (4 interleaved rounds) took +2.1 ms with 2 threads always, +3.1 ms with one thread
+    up to 18 tokens (the previous threshold) and +4.7 ms with one thread always.
     """
     import torch
 
