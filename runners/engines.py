@@ -578,4 +578,4 @@ class EngineRegistry:
             model.in_flight -= items
             elapsed = time.perf_counter() - started
             model.stats.inference_seconds += elapsed
-            metrics.INFERENCE_SECONDS.labels(model.name, capability).observe(elapsed)
+            metrics.of(model.name, capability).inference_seconds.observe(elapsed)

@@ -55,10 +55,11 @@ class InferenceService:
         model.stats.requests += 1
         model.stats.items += items
         model.stats.tokens += tokens
-        metrics.REQUESTS.labels(model.name, capability).inc()
-        metrics.ITEMS.labels(model.name, capability).inc(items)
-        metrics.TOKENS.labels(model.name, capability).inc(tokens)
-        metrics.REQUEST_ITEMS.labels(model.name, capability).observe(items)
+        counters = metrics.of(model.name, capability)
+        counters.requests.inc()
+        counters.items.inc(items)
+        counters.tokens.inc(tokens)
+        counters.request_items.observe(items)
 
     # ---- limits ----
 

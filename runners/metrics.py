@@ -7,7 +7,9 @@ Kubernetes HorizontalPodAutoscaler scales on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -28,6 +30,22 @@ REQUEST_ITEMS = Histogram(
     "embed_rerank_request_items", "Items per request (the batch a client sends)", LABELS,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=REGISTRY,
 )
+
+
+class ModelMetrics(NamedTuple):
+    requests: Any
+    items: Any
+    tokens: Any
+    request_items: Any
+    inference_seconds: Any
+
+
+@functools.cache
+def of(model: str, capability: str) -> ModelMetrics:
+    """The per-request metrics of one model and capability (`labels()` looked up once, not per request)."""
+    labels = (model, capability)
+    return ModelMetrics(REQUESTS.labels(*labels), ITEMS.labels(*labels), TOKENS.labels(*labels),
+                        REQUEST_ITEMS.labels(*labels), INFERENCE_SECONDS.labels(*labels))
 
 
 BATCH_SIZE = Histogram(
