@@ -9,6 +9,7 @@ process imports this module too.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import bentoml
@@ -44,6 +45,10 @@ try:
 except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
 apply_offline_defaults(SETTINGS)
+# torch's OpenMP runtime (libgomp) lets an idle worker thread spin 300,000 rounds before it sleeps;
+# beside the event loop on a few cores that spinning takes CPU the requests need (README, Performance,
+# Threads and OpenMP). libgomp reads this when torch loads: in the worker's startup hook, after this.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 configure_logging(SETTINGS.log_format)
 try:
     # In `bentoml serve` this runs in the serving process before it spawns the workers, which

@@ -224,3 +224,17 @@ def test_sigterm_under_load_drains_and_exits(tmp_path):
         assert set(outcomes) <= {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("given,expected", [(None, "10000"), ("500", "500")])
+def test_the_service_sets_libgomps_spin_count_unless_the_environment_does(given, expected):
+    """README, Performance (Threads and OpenMP): set before torch loads, in every process that imports service."""
+    import sys
+
+    env = server_env({})
+    env.pop("GOMP_SPINCOUNT", None)
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    code = "import os, sys, service; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "False"]
