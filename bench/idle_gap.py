@@ -38,9 +38,10 @@ def measure(rounds: int = 5, runs: int = 150, pause_s: float = 0.003) -> dict[st
     from runners.engines import load_model
     from runners.settings import default_model_path, load_settings
 
-    folder = build_zero_cost(Path(default_model_path()), Path(tempfile.mkdtemp()) / "zero-cost")
-    settings = load_settings({**os.environ, "MODEL_NAMES": str(folder), "DEVICE": "cpu"})
-    replica = load_model(settings.models[0], settings).scheduler.replica
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = build_zero_cost(Path(default_model_path()), Path(scratch) / "zero-cost")
+        settings = load_settings({**os.environ, "MODEL_NAMES": str(folder), "DEVICE": "cpu"})
+        replica = load_model(settings.models[0], settings).scheduler.replica
     features = replica.encode_pre([TEXT])
     jobs: queue.SimpleQueue[bool] = queue.SimpleQueue()
     took: queue.SimpleQueue[float] = queue.SimpleQueue()

@@ -228,3 +228,12 @@ def test_forward_gap_takes_the_median_of_back_to_back_rounds() -> None:
     report = gap_report({"forward_ms": 9.0}, {"wrk": 12.5}, {"wrk": [1.0, 4.0, 1.5]})
     assert report["gap_ms"] == {"wrk": 1.5} and list(report["goals"].values()) == [True]
     assert gap_report({"forward_ms": 9.0}, {"wrk": 12.5}, {"wrk": []})["gap_ms"] == {"wrk": 3.5}
+
+
+def test_idle_gap_measures_the_three_cases() -> None:
+    from bench.idle_gap import measure
+
+    result = measure(rounds=1, runs=3, pause_s=0.001)
+    assert set(result["forward_ms"]) == {"back_to_back", "caller_sleeps", "caller_spins"}
+    assert all(ms > 0 for ms in result["forward_ms"].values())
+    assert all(len(rounds) == 1 for rounds in result["forward_ms_rounds"].values())
