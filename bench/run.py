@@ -1131,20 +1131,20 @@ def fmt(value: Any, digits: int = 1) -> str:
 def tables(result: dict[str, Any]) -> str:
     """Markdown tables of every part that ran, and the goals."""
     out: list[str] = []
-    if result.get("systems"):
-        out += ["", "Concurrency sweep (httpx closed loops, one sentence a request)", "",
-                "| system | clients | texts/s | p50 ms | p99 ms | server CPU ms/text |", "|---|---:|---:|---:|---:|---:|"]
-        for name, by_c in result["systems"].items():
+    sweeps = (("systems", "Concurrency sweep (httpx closed loops, one sentence a request)", "texts_per_s",
+               "server_cpu_ms_per_text"),
+              ("systems_wrk", "The sweep's HTTP points by wrk (a client that leaves the cores to the server)",
+               "requests_per_s", "server_cpu_ms_per_request"))
+    for key, title, rate, cpu in sweeps:
+        if not result.get(key):
+            continue
+        out += ["", title, "", "| system | clients | texts/s | p50 ms | p99 ms | server CPU ms/text |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for name, by_c in result[key].items():
             for c, p in by_c.items():
-                out.append(f"| {name} | {c} | {fmt(p.get('texts_per_s'))} | {fmt(p.get('p50_ms'))} | "
-                           f"{fmt(p.get('p99_ms'))} | {fmt(p.get('server_cpu_ms_per_text'))} |")
+                out.append(f"| {name} | {c} | {fmt(p.get(rate))} | {fmt(p.get('p50_ms'))} | "
+                           f"{fmt(p.get('p99_ms'))} | {fmt(p.get(cpu))} |")
     if result.get("systems_wrk"):
-        out += ["", "The sweep's HTTP points by wrk (a client that leaves the cores to the server)", "",
-                "| system | clients | texts/s | p50 ms | p99 ms | server CPU ms/text |", "|---|---:|---:|---:|---:|---:|"]
-        for name, by_c in result["systems_wrk"].items():
-            for c, p in by_c.items():
-                out.append(f"| {name} | {c} | {fmt(p.get('requests_per_s'))} | {fmt(p.get('p50_ms'))} | "
-                           f"{fmt(p.get('p99_ms'))} | {fmt(p.get('server_cpu_ms_per_request'))} |")
         out += [f"- {k}: " + ", ".join(f"{fmt(v, 2)} @{c}" for c, v in by_c.items())
                 for k, by_c in result.get("ratios", {}).items() if "(wrk)" in k]
     zc = result.get("zero_cost", {})

@@ -116,50 +116,33 @@ def test_service_errors_take_the_envelope_and_tei_errors_the_tei_body():
     assert tei.status_code == 422 and tei.json() == {"error": "refused: send another input", "error_type": "Validation"}
 
 
-def test_a_body_that_streams_past_the_limit_is_refused():
-    app = door(InnerApp(), max_body_bytes=40)
+def send_in_chunks(app: FrontDoor, chunks: list[bytes]) -> list[dict[str, Any]]:
+    """POST /fast with the body arriving in `chunks`; the messages FrontDoor sent back."""
     sent: list[dict[str, Any]] = []
-    chunks = [b'{"input": "', b"x" * 30, b"x" * 30, b'"}']
+    pending = list(chunks)
 
-    async def go() -> None:
-        pending = list(chunks)
+    async def receive() -> dict[str, Any]:
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
 
-        async def receive() -> dict[str, Any]:
-            body = pending.pop(0)
-            return {"type": "http.request", "body": body, "more_body": bool(pending)}
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
 
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
+    scope = {"type": "http", "method": "POST", "path": "/fast", "raw_path": b"/fast", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    asyncio.run(app(scope, receive, send))
+    return sent
 
-        scope = {"type": "http", "method": "POST", "path": "/fast", "raw_path": b"/fast", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")]}
-        await app(scope, receive, send)
 
-    asyncio.run(go())
+def test_a_body_that_streams_past_the_limit_is_refused():
+    sent = send_in_chunks(door(InnerApp(), max_body_bytes=40), [b'{"input": "', b"x" * 30, b"x" * 30, b'"}'])
     assert sent[0]["status"] == 413
     assert json.loads(sent[1]["body"])["error"]["code"] == "body_too_large"
 
 
 def test_a_body_in_chunks_is_joined():
     inner = InnerApp()
-    app = door(inner)
-    sent: list[dict[str, Any]] = []
-
-    async def go() -> None:
-        pending = [b'{"inp', b'ut": "a', b'b"}']
-
-        async def receive() -> dict[str, Any]:
-            body = pending.pop(0)
-            return {"type": "http.request", "body": body, "more_body": bool(pending)}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "POST", "path": "/fast", "raw_path": b"/fast", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")]}
-        await app(scope, receive, send)
-
-    asyncio.run(go())
+    sent = send_in_chunks(door(inner), [b'{"inp', b'ut": "a', b'b"}'])
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"echo": "ab"} and inner.bodies == []
 
 
