@@ -336,8 +336,7 @@ class FrontDoor:
         body = b"".join(chunks)
         try:
             request = route.schema.model_validate(orjson.loads(body))
-        except Exception:  # noqa: BLE001 - not JSON orjson reads, or not the schema: the route answers
-            # The route's own parser and validator answer, in their words.
+        except Exception:  # noqa: BLE001 - not JSON orjson reads, or not the schema: the route answers, in its words
             replayed = False
 
             async def replay() -> Message:
