@@ -218,9 +218,7 @@ class EmbeddingService:
     def __metrics__(self, content: str) -> str:
         return content + metrics.exposition()
 
-    # ---- native routes ----
-
-    # (the same functions as FrontDoor's fast path, FAST_ROUTES)
+    # ---- native routes (they call the functions FAST_ROUTES maps) ----
 
     @bentoml.api(route="/embed", input_spec=EmbeddingRequest)
     async def embed(self, **params: Any) -> dict:
