@@ -43,12 +43,13 @@ def measure(rounds: int = 5, runs: int = 150, pause_s: float = 0.003) -> dict[st
         settings = load_settings({**os.environ, "MODEL_NAMES": str(folder), "DEVICE": "cpu"})
         replica = load_model(settings.models[0], settings).scheduler.replica
     features = replica.encode_pre([TEXT])
+    import torch
+
+    threads = torch.get_num_threads()
     jobs: queue.SimpleQueue[bool] = queue.SimpleQueue()
     took: queue.SimpleQueue[float] = queue.SimpleQueue()
 
     def worker() -> None:
-        import torch
-
         torch.set_num_threads(1)  # as the scheduler runs this model's batches
         while jobs.get():
             t0 = time.perf_counter()
@@ -76,6 +77,7 @@ def measure(rounds: int = 5, runs: int = 150, pause_s: float = 0.003) -> dict[st
             medians[name].append(1000 * statistics.median(times))
     jobs.put(False)
     thread.join()
+    torch.set_num_threads(threads)  # set_num_threads in the worker is where later threads of this process would start
     return {
         "what": "zero-cost model (1 layer, 32 wide), one text, forward pass + post-processing timed inside a "
                 f"worker thread on 1 torch thread; median of {runs} per round, rounds interleaved",

@@ -25,7 +25,7 @@ from typing import Any
 
 from runners import metrics
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
-from runners.scheduler import ModelScheduler
+from runners.scheduler import ModelScheduler, process_torch_threads
 from runners.schemas import UNSPECIFIED_MODELS
 from runners.settings import ModelSpec, Settings
 from runners.sparse import KINDS as MULTI_KINDS  # sparse, colbert, bge-m3, tokens (no torch import)
@@ -241,6 +241,12 @@ def _on_gpu(settings: Settings) -> bool:
     return torch.cuda.is_available()
 
 
+def _torch_on_cpu(replica: Any, settings: Settings) -> bool:
+    import torch
+
+    return not _on_gpu(settings) and isinstance(replica, torch.nn.Module)
+
+
 def single_thread_tokens(replica: Any, settings: Settings) -> int:
     """Padded tokens up to which a CPU torch forward pass runs on one intra-op thread.
 
@@ -253,11 +259,11 @@ def single_thread_tokens(replica: Any, settings: Settings) -> int:
     same machine (4 interleaved rounds) took +2.1 ms with 2 threads always, +3.1 ms with one thread
     up to 18 tokens (the previous threshold) and +4.7 ms with one thread always.
     """
+    # Replicas that are not a torch module (ONNX with its own threads, wrappers) keep their threads.
+    if not _torch_on_cpu(replica, settings):
+        return 0
     import torch
 
-    # Replicas that are not a torch module (ONNX with its own threads, wrappers) keep their threads.
-    if _on_gpu(settings) or not isinstance(replica, torch.nn.Module):
-        return 0
     embedding = sum(p.numel() for m in replica.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
     total = sum(p.numel() for p in replica.parameters())
     return int(SINGLE_THREAD_WORK / max(total - embedding, 1))
@@ -267,7 +273,8 @@ def _scheduler(replica: Any, spec: ModelSpec, settings: Settings, pairs: bool) -
     tokens = spec.max_batch_tokens or DEFAULT_BATCH_TOKENS["gpu" if _on_gpu(settings) else "cpu"]
     probe = [(t, t) for t in _PROBE_TEXTS] if pairs else _PROBE_TEXTS
     return ModelScheduler(replica, name=spec.served_name, max_batch_size=spec.batch_size, max_batch_tokens=tokens,
-                          probe=probe, single_thread_tokens=single_thread_tokens(replica, settings))
+                          probe=probe, single_thread_tokens=single_thread_tokens(replica, settings),
+                          cpu_threads=process_torch_threads() if _torch_on_cpu(replica, settings) else 0)
 
 
 def import_infinity() -> None:

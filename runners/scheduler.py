@@ -172,6 +172,22 @@ def _chars(inputs: Sequence[Any]) -> int | None:
     return total
 
 
+_process_threads: int | None = None
+
+
+def process_torch_threads() -> int:
+    """torch's intra-op thread count as this process started with it, read once. It has to be kept:
+    `torch.set_num_threads(n)` in any thread becomes the count that every thread started later
+    begins with, so after one scheduler ran a small batch on one thread, a forward thread started
+    afterwards (another model's, a restarted loop) would start on one thread too."""
+    global _process_threads
+    if _process_threads is None:
+        import torch
+
+        _process_threads = torch.get_num_threads()
+    return _process_threads
+
+
 def _settle(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
     if future.done():
         return
@@ -219,11 +235,14 @@ class ModelScheduler:
 
     def __init__(self, replica: Any, *, name: str, max_batch_size: int, max_batch_tokens: int,
                  probe: Sequence[Any], restarts_allowed: int = 3, restart_window_s: float = 60.0,
-                 single_thread_tokens: int = 0) -> None:
+                 single_thread_tokens: int = 0, cpu_threads: int = 0) -> None:
         self.replica = replica
         # CPU torch models: batches of at most this many padded tokens run on one intra-op thread
         # (engines.single_thread_tokens says why and how much); 0: never.
         self.single_thread_tokens = single_thread_tokens
+        # CPU torch models: the forward thread's intra-op threads otherwise (process_torch_threads);
+        # 0: leave the thread as torch starts it.
+        self.cpu_threads = cpu_threads
         self._threads_now = 0
         self.name = name
         self.max_batch_size = max_batch_size
@@ -529,7 +548,10 @@ class ModelScheduler:
 
     def _forward_loop(self) -> None:
         batch: list[_Item] = []
+        self._threads_now = 0  # a new thread: torch starts it on the count last set anywhere
         try:
+            if self.cpu_threads:
+                self._use_threads(self.cpu_threads)
             while True:
                 with self._cond:
                     while not self._stopping and not self._batch_ready():
@@ -556,15 +578,16 @@ class ModelScheduler:
             log.exception("model %s: batch loop died", self.name)
             raise
 
-    def _set_threads(self, padded: int) -> None:
-        import torch
+    def _use_threads(self, count: int) -> None:
+        """The forward thread's own intra-op threads (OpenMP's setting is per thread)."""
+        if count != self._threads_now:
+            import torch
 
-        if not self._threads_now:
-            self._threads_default = torch.get_num_threads()  # this thread's own OpenMP setting
-        want = 1 if padded <= self.single_thread_tokens else self._threads_default
-        if want != self._threads_now:
-            torch.set_num_threads(want)
-            self._threads_now = want
+            torch.set_num_threads(count)
+            self._threads_now = count
+
+    def _set_threads(self, padded: int) -> None:
+        self._use_threads(1 if padded <= self.single_thread_tokens else (self.cpu_threads or process_torch_threads()))
 
     def _forward(self, batch: Sequence[_Item]) -> Any:
         if self.single_thread_tokens:

@@ -402,3 +402,40 @@ def test_a_lone_small_request_is_tokenized_on_the_callers_thread_and_never_besid
         scheduler.stop()
     assert active[1] == 1
     assert threading.main_thread().name in where and any(name.startswith("tokenizer:") for name in where)
+
+
+def test_a_forward_thread_keeps_the_process_thread_count_after_another_thread_set_one(default_model_path):
+    """torch.set_num_threads(1) in one thread (a tiny model's forward thread) becomes the count every
+    thread started later begins with; a MiniLM scheduler started after it still runs on the process's
+    own count (engines passes it as cpu_threads)."""
+    import threading
+
+    import torch
+
+    from runners.engines import load_model
+    from runners.scheduler import ModelScheduler, process_torch_threads
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cpu"})
+    minilm = load_model(settings.models[0], settings)
+    assert minilm.scheduler.cpu_threads == process_torch_threads() == torch.get_num_threads()
+    if process_torch_threads() < 2:
+        pytest.skip("one CPU thread: nothing to lose")
+    other = threading.Thread(target=torch.set_num_threads, args=(1,))
+    other.start()
+    other.join()
+    seen: list[int] = []
+    scheduler = ModelScheduler(minilm.scheduler.replica, name="pinned", max_batch_size=8, max_batch_tokens=4096,
+                               probe=["a", "a b c d e f"], cpu_threads=minilm.scheduler.cpu_threads)
+    original = scheduler._forward
+
+    def spy(batch):
+        seen.append(torch.get_num_threads())
+        return original(batch)
+
+    scheduler._forward = spy
+    try:
+        _run_all(scheduler, [["the tower of paris at night"]])
+    finally:
+        torch.set_num_threads(process_torch_threads())  # the next threads of this test process
+    assert seen == [process_torch_threads()]
