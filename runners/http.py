@@ -262,18 +262,6 @@ class FrontDoor:
                        tei: bool = False) -> int:
         """Run the app; pass successes through, put error bodies that are not envelopes (TEI's error body
         under `/tei`) into one."""
-        received = 0
-        limit = self.max_body_bytes
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge()
-            return message
-
         status = 500
         error_start: Message | None = None
         chunks: list[bytes] = []
@@ -307,32 +295,46 @@ class FrontDoor:
             await _send_error(send, _envelope_for(status, body), [id_header], tei)
 
         try:
-            await self.app(scope, limited_receive, wrapped_send)
+            await self.app(scope, self._limited(receive), wrapped_send)
         except _BodyTooLarge:
-            status = 413
-            await _send_error(send, PayloadTooLarge(
-                f"the body is over MAX_BODY_BYTES={limit} bytes: split the request", code="body_too_large"
-            ), [id_header], tei)
+            status = await self._too_large(send, id_header, tei)
         return status
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive` that raises _BodyTooLarge once the body streamed in is over MAX_BODY_BYTES."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        return limited_receive
+
+    async def _too_large(self, send: Send, id_header: tuple[bytes, bytes], tei: bool) -> int:
+        await _send_error(send, PayloadTooLarge(
+            f"the body is over MAX_BODY_BYTES={self.max_body_bytes} bytes: split the request", code="body_too_large"
+        ), [id_header], tei)
+        return 413
 
     async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
                     id_header: tuple[bytes, bytes], tei: bool) -> int:
         chunks: list[bytes] = []
-        received = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return 499
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.max_body_bytes:
-                await _send_error(send, PayloadTooLarge(
-                    f"the body is over MAX_BODY_BYTES={self.max_body_bytes} bytes: split the request",
-                    code="body_too_large"), [id_header], tei)
-                return 413
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
+        limited = self._limited(receive)
+        try:
+            while True:
+                message = await limited()
+                if message["type"] != "http.request":  # the client went away
+                    return 499
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except _BodyTooLarge:
+            return await self._too_large(send, id_header, tei)
         body = b"".join(chunks)
         try:
             request = route.schema.model_validate(orjson.loads(body))
