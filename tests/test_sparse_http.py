@@ -124,7 +124,7 @@ def test_models_list_outputs_and_wrong_outputs_are_400(url):
 
 
 def test_readme_qdrant_example_runs(url):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "api.md").read_text()
     block = re.search(r"```python\n(import os\n\nimport httpx\nfrom qdrant_client.*?)```", readme, re.S).group(1)
     env = dict(os.environ, EMBED_URL=url, EMBED_MODEL="bge-m3")
     out = subprocess.run([sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=120)
