@@ -1,8 +1,8 @@
 """Which malloc the model process runs on, preloaded with `LD_PRELOAD` (`ALLOCATOR`).
 
 glibc's malloc fragments under ever-changing tensor shapes: a worker grew 641 MB → 1.9 GB in
-5 minutes of mixed traffic, where jemalloc held ~740 MB and mimalloc 747 → 769 MB (README,
-Performance). A preload only acts on processes started after it is set, so `preload` puts the
+5 minutes of mixed traffic, where jemalloc held ~740 MB and mimalloc 747 → 769 MB (docs/performance.md,
+Memory). A preload only acts on processes started after it is set, so `preload` puts the
 library into `os.environ` and each launch path starts its model process with that environment:
 `bentoml serve`'s worker processes inherit the serving process's environment (service.py calls
 `activate` at import, before BentoML spawns them); `python -m runpod_adapter` re-executes itself.

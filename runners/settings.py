@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runners.vocabulary import AUTO, MODEL_KINDS
+
 BACKENDS = ("torch", "optimum", "ctranslate2")
 DTYPE_ALIASES = {
     "auto": "auto",
@@ -28,7 +30,7 @@ DTYPE_ALIASES = {
     "fp8": "fp8",
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
-KINDS = ("auto", "embed", "rerank", "classify", "qwen3-reranker", "sparse", "colbert", "bge-m3", "tokens")
+KINDS = (AUTO, *MODEL_KINDS)  # MODEL_KINDS accepts these
 ONNX_QUANTIZATIONS = ("auto", "fp32", "int8")
 ALLOCATORS = ("auto", "jemalloc", "mimalloc", "system")
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"

@@ -34,14 +34,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from runners import metrics
-from runners.errors import BadRequest, InternalError, ServiceError, Unavailable, from_validation_errors
-from runners.schemas import (
+from runners.api.schemas import (
     EmbeddingRequest,
     RerankRequest,
     V1RerankRequest,
-    to_embed_query,
-    to_rerank_query,
 )
+from runners.errors import BadRequest, InternalError, ServiceError, Unavailable, from_validation_errors
 
 log = logging.getLogger("embed_rerank.runpod")
 
@@ -153,13 +151,13 @@ def _openai_call(job_input: dict[str, Any]) -> Call:
             param="openai_input",
         )
     if route == "/v1/embeddings":
-        embed_query = to_embed_query(_model_alias(EmbeddingRequest.model_validate(body)))
+        embed_query = _model_alias(EmbeddingRequest.model_validate(body)).to_query()
 
         async def embeddings(svc: Any) -> Any:
             return _wrap(route, await svc.inference.embed(embed_query))
 
         return embeddings
-    rerank_query = to_rerank_query(_model_alias(V1RerankRequest.model_validate(body)))
+    rerank_query = _model_alias(V1RerankRequest.model_validate(body)).to_query()
 
     async def rerank_v1(svc: Any) -> Any:
         return _wrap(route, await svc.inference.rerank(rerank_query, "v1"))
@@ -176,14 +174,14 @@ def parse_job(job_input: Any) -> Call:
     if "openai_route" in job_input:
         return _openai_call(job_input)
     if "query" in job_input:
-        rerank_query = to_rerank_query(_model_alias(RerankRequest.model_validate(job_input)))
+        rerank_query = _model_alias(RerankRequest.model_validate(job_input)).to_query()
 
         async def rerank(svc: Any) -> Any:
             return await svc.inference.rerank(rerank_query, "native")
 
         return rerank
     if "input" in job_input:
-        embed_query = to_embed_query(_model_alias(EmbeddingRequest.model_validate(job_input)))
+        embed_query = _model_alias(EmbeddingRequest.model_validate(job_input)).to_query()
 
         async def embed(svc: Any) -> Any:
             return await svc.inference.embed(embed_query)
@@ -210,7 +208,7 @@ async def handler(job: dict[str, Any]) -> Any:
         if err.status >= 500:
             log.warning("job %s failed: %s", _job_id(job), err.message)
         output = job_error(err)
-        from runners.engines import HEALTH
+        from runners.engine.health import HEALTH
 
         if HEALTH.reason is not None:
             # A model is out of service for good: RunPod replaces this worker after the job.

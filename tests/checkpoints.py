@@ -234,7 +234,7 @@ def build_faulty_embedder(folder: Path, oom_above_tokens: int = 0) -> Path:
     return folder
 
 
-# ---- sparse and multi-vector models (runners.sparse) ----
+# ---- sparse and multi-vector models (runners.models.multi_output) ----
 
 
 def _bert_config(vocab_size: int, **extra):

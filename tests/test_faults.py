@@ -119,7 +119,7 @@ def test_a_stalled_model_makes_health_fail_and_the_server_exit(tmp_path, faulty_
 
 @pytest.fixture(scope="module")
 def faulty_model(faulty_folder):
-    from runners.engines import load_model
+    from runners.engine.registry import load_model
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty-local"})
@@ -146,8 +146,8 @@ def _run_all(scheduler, requests: list[list[str]]) -> list:
 
 
 def test_oom_in_a_batch_of_32_answers_31(faulty_model):
+    from runners.engine.scheduler import ModelScheduler
     from runners.errors import OutOfMemory
-    from runners.scheduler import ModelScheduler
 
     scheduler = ModelScheduler(faulty_model.scheduler.replica, name="oom", max_batch_size=32, max_batch_tokens=1 << 20,
                                probe=["a", "a b c d e f"])
@@ -164,7 +164,7 @@ def test_oom_in_a_batch_of_32_answers_31(faulty_model):
 
 
 def test_a_bulk_request_shares_every_batch_with_small_ones(faulty_model):
-    from runners.scheduler import ModelScheduler
+    from runners.engine.scheduler import ModelScheduler
 
     replica = faulty_model.scheduler.replica
     scheduler = ModelScheduler(replica, name="fair", max_batch_size=8, max_batch_tokens=1 << 20,
@@ -198,7 +198,7 @@ def test_a_bulk_request_shares_every_batch_with_small_ones(faulty_model):
 
 
 def test_token_budget_bounds_padded_batch_size(faulty_model):
-    from runners.scheduler import ModelScheduler
+    from runners.engine.scheduler import ModelScheduler
 
     scheduler = ModelScheduler(faulty_model.scheduler.replica, name="budget", max_batch_size=64,
                                max_batch_tokens=256, probe=["a", "a b c d e f"])
@@ -225,7 +225,7 @@ def test_vectors_do_not_depend_on_batch_company(faulty_model):
     replica = faulty_model.scheduler.replica
     texts = ["a", "the cat sat on the mat", " ".join(["river"] * 30)]
     alone = [replica.encode_post(replica.encode_core(replica.encode_pre([t])))[0] for t in texts]
-    from runners.scheduler import ModelScheduler
+    from runners.engine.scheduler import ModelScheduler
 
     scheduler = ModelScheduler(replica, name="pad", max_batch_size=8, max_batch_tokens=1 << 20,
                                probe=["a", "a b c d e f"])
@@ -253,7 +253,7 @@ def test_runpod_job_that_raises_fails_and_the_worker_serves_on(tmp_path, faulty_
 
 
 def test_runpod_asks_for_a_fresh_worker_once_a_model_is_out_of_service(monkeypatch):
-    from runners.engines import HEALTH
+    from runners.engine.health import HEALTH
     from runners.errors import Unavailable
     from runpod_adapter import handler
 
@@ -276,7 +276,7 @@ def test_runpod_asks_for_a_fresh_worker_once_a_model_is_out_of_service(monkeypat
 
 
 def test_token_budget_shrinks_after_oom_and_grows_back(monkeypatch):
-    from runners import scheduler
+    from runners.engine import memory as scheduler
 
     budget = scheduler.TokenBudget(4096)
     budget.shrink(3000)
@@ -294,7 +294,7 @@ def test_token_budget_shrinks_after_oom_and_grows_back(monkeypatch):
 def test_out_of_memory_is_recognised_by_type_and_message():
     import torch
 
-    from runners.scheduler import is_out_of_memory
+    from runners.engine.memory import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(MemoryError())
@@ -310,8 +310,9 @@ def test_small_cpu_batches_run_on_one_thread_and_give_the_same_vectors(faulty_mo
     import numpy as np
     import torch
 
-    from runners.engines import load_model, single_thread_tokens
-    from runners.scheduler import ModelScheduler
+    from runners.engine.devices import single_thread_tokens
+    from runners.engine.registry import load_model
+    from runners.engine.scheduler import ModelScheduler
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cpu"})
@@ -352,7 +353,9 @@ def test_a_lone_small_request_is_tokenized_on_the_callers_thread_and_never_besid
 
     import numpy as np
 
-    from runners.scheduler import INLINE_TOKENIZE_CHARS, SMALL_REQUEST_ITEMS, ModelScheduler
+    from runners.engine.batching import SMALL_REQUEST_ITEMS
+    from runners.engine.scheduler import ModelScheduler
+    from runners.engine.tokenizing import INLINE_TOKENIZE_CHARS
 
     replica = faulty_model.scheduler.replica
     where: list[str] = []
@@ -412,8 +415,9 @@ def test_a_forward_thread_keeps_the_process_thread_count_after_another_thread_se
 
     import torch
 
-    from runners.engines import load_model
-    from runners.scheduler import ModelScheduler, process_torch_threads
+    from runners.engine.devices import process_torch_threads
+    from runners.engine.registry import load_model
+    from runners.engine.scheduler import ModelScheduler
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cpu"})

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
+from runners.api.front_door import FrontDoor
+from runners.api.routes import Route
 from runners.errors import BadRequest
-from runners.http import FastRoute, FrontDoor
 
 
 class Body(BaseModel):
@@ -55,7 +56,7 @@ async def handle(body: Body) -> dict[str, Any]:
 
 def door(inner: InnerApp, max_body_bytes: int = 1000) -> FrontDoor:
     return FrontDoor(inner, api_keys=(), metrics_public=True, max_body_bytes=max_body_bytes,
-                     fast_routes={"/fast": FastRoute(Body, handle), "/tei/fast": FastRoute(Body, handle)})
+                     fast_routes={path: Route("POST", path, handle, Body) for path in ("/fast", "/tei/fast")})
 
 
 def post(app: FrontDoor, path: str, content: bytes, content_type: str | None = "application/json",

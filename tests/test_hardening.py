@@ -134,7 +134,7 @@ def test_openapi_fuzz_no_server_errors(default_server):
 
 
 def test_generated_request_ids_are_unique_32_hex_characters(default_server):
-    from runners.http import _new_request_id
+    from runners.api.logs import new_request_id as _new_request_id
 
     ids = {_new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runners.schemas import EmbeddingRequest, RerankRequest, V2RerankRequest
+from runners.api.schemas import EmbeddingRequest, RerankRequest, V2RerankRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from runners.inference import InferenceService
-from runners.schemas import EmbedQuery
+from runners.capabilities.queries import EmbedQuery
+from runners.capabilities.service import InferenceService
 from runners.settings import load_settings
 
 CORPUS = [line.strip() for line in (Path(__file__).parents[1] / "load_tests/corpus.txt").read_text().splitlines()

@@ -54,6 +54,15 @@ def test_bento_dockerfile_is_cuda_with_pinned_packages(built_bento):
     assert sorted(m["tag"].split(":")[0] for m in meta["models"]) == ["qwen3-embedding-0.6b", "qwen3-reranker-0.6b"]
 
 
+def test_bento_carries_every_source_module(built_bento):
+    """The bentofile's include patterns reach into runners/'s sub-packages (the serving test below runs
+    with the checkout on PYTHONPATH, so it would not notice a module the Bento lacks)."""
+    src = Path(built_bento["path"]) / "src"
+    wanted = {p.relative_to(ROOT).as_posix() for p in (ROOT / "runners").rglob("*.py")} | {"service.py"}
+    carried = {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+    assert wanted <= carried, sorted(wanted - carried)
+
+
 def test_bento_export_carries_the_models(built_bento, tmp_path):
     target = tmp_path / "bento.tar"
     env = server_env({"BENTOML_HOME": built_bento["home"]})
@@ -124,5 +133,5 @@ def test_runpod_dockerfile_copies_everything_pip_install_needs():
     for line in dockerfile.splitlines():
         if line.startswith("COPY") and "--from" not in line:
             copied.update(part.rstrip("/") for part in line.split()[1:-1])
-    needed = set(setuptools["packages"]) | {f"{m}.py" for m in setuptools["py-modules"]} | {"README.md"}
+    needed = {package.split(".")[0] for package in setuptools["packages"]} | {f"{m}.py" for m in setuptools["py-modules"]} | {"README.md"}
     assert needed <= copied, needed - copied

@@ -1,4 +1,4 @@
-"""Quantized embedding outputs (runners.quantize): formulas, dtypes, calibration ranges, and retrieval agreement
+"""Quantized embedding outputs (runners.capabilities.quantize): formulas, dtypes, calibration ranges, and retrieval agreement
 with float embeddings on the real all-MiniLM-L6-v2 (in-process, CPU, no server)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from runners.calibration_corpus import CALIBRATION_TEXTS
-from runners.quantize import EMBEDDING_TYPES, Calibration, prepare, quantize, to_base64, to_json
+from runners.capabilities.calibration_corpus import CALIBRATION_TEXTS
+from runners.capabilities.quantize import EMBEDDING_TYPES, Calibration, prepare, quantize, to_base64, to_json
 
 RNG = np.random.default_rng(13)
 

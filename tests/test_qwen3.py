@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from runners.qwen3 import DEFAULT_TASK, RERANK_PREFIX, RERANK_SUFFIX
+from runners.models.qwen3 import DEFAULT_TASK, RERANK_PREFIX, RERANK_SUFFIX
 
 QUERY = "what is the capital of france"
 DOCS = ["paris", "The capital of France is Paris, a city on the river.\n\n  ",

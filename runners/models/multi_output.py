@@ -2,7 +2,7 @@
 
 `MultiEncoder` is a model replica like the others (`encode_pre` tokenizes, `encode_core` runs the
 model and its heads, `encode_post` splits the batch into per-item results), so `ModelScheduler`
-batches it like any dense model. Kinds, set with MODEL_KINDS or found by `detect_kind`:
+batches it like any dense model. Kinds, set with MODEL_KINDS or found by `runners.models.detect`:
 
 - `sparse` (SPLADE): a masked-LM checkpoint: config.json's architectures has `*ForMaskedLM` and
   the folder has no sentence-transformers modules.json, or a sentence-transformers SparseEncoder
@@ -41,21 +41,18 @@ The choice travels through the scheduler as one more [batch, tokens] feature (`M
 along each row, that `encode_core` reads back and removes before the model sees the batch.
 """
 
+
 from __future__ import annotations
 
-import json
-import string
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from runners.models.checkpoint import linear, load_state, max_length, model_file, module_path, pooling_mode, read_json, st_modules
+from runners.models.colbert import ColbertSettings, colbert_layout
+from runners.vocabulary import BGE_M3_KIND, COLBERT_KIND, DENSE, MULTI_OUTPUT_KINDS, SPARSE, SPLADE_KIND, TOKENS
 
 if TYPE_CHECKING:
     from infinity_emb.args import EngineArgs
 
-DENSE, SPARSE, TOKENS = "dense", "sparse", "tokens"
-OUTPUTS = (DENSE, SPARSE, TOKENS)
-SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND = "sparse", "colbert", "bge-m3", "tokens"
-KINDS = (SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND)
 META = "multi_output_flags"  # the per-row feature that carries what each item asks for
 
 _BITS = {DENSE: 1, SPARSE: 2, TOKENS: 4}
@@ -71,207 +68,6 @@ class MultiInput(NamedTuple):
     query: bool = False
 
 
-# ---- finding a checkpoint's files and kind ----
-
-
-def model_file(name_or_path: str, filename: str) -> Path | None:
-    """A file of a local folder or of a hub repository (from the cache when offline); None if absent."""
-    if Path(name_or_path).is_dir():
-        path = Path(name_or_path) / filename
-        return path if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(name_or_path, filename=filename))
-    except Exception:  # noqa: BLE001 - absent, offline or not a repository: the file is not there
-        return None
-
-
-def _read_json(path: Path | None) -> Any:
-    return json.loads(path.read_text()) if path is not None else None
-
-
-def _modules(name_or_path: str) -> list[dict[str, Any]]:
-    return _read_json(model_file(name_or_path, "modules.json")) or []
-
-
-def detect_kind(name_or_path: str, config: dict[str, Any]) -> str | None:
-    """bge-m3, colbert or sparse when the checkpoint has the heads or layout; None for any other model.
-
-    A `*ForMaskedLM` architecture alone is not enough when the folder is a sentence-transformers
-    model with an ordinary pooling: all-mpnet-base-v2 ships `MPNetForMaskedLM` and is a dense model.
-    """
-    if model_file(name_or_path, "sparse_linear.pt") or model_file(name_or_path, "colbert_linear.pt"):
-        return BGE_M3_KIND
-    archs = config.get("architectures") or []
-    if "HF_ColBERT" in archs:
-        return COLBERT_KIND
-    types = [m.get("type", "") for m in _modules(name_or_path)]
-    if any(t.startswith("pylate.") for t in types):
-        return COLBERT_KIND
-    if any(t.endswith("SpladePooling") for t in types):
-        return SPLADE_KIND
-    if not types and any(a.endswith("ForMaskedLM") for a in archs):
-        return SPLADE_KIND
-    return None
-
-
-# ---- loading ----
-
-
-def _module_path(modules: list[dict[str, Any]], suffix: str) -> str | None:
-    for m in modules:
-        if m.get("type", "").endswith(suffix):
-            return m.get("path", "")
-    return None
-
-
-def _load_state(name_or_path: str, filenames: tuple[str, ...]) -> dict[str, Any] | None:
-    """The tensors of the first weights file found (safetensors or a torch pickle of tensors)."""
-    import torch
-
-    for filename in filenames:
-        path = model_file(name_or_path, filename)
-        if path is None:
-            continue
-        if filename.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    return None
-
-
-def _linear(state: dict[str, Any], prefix: str = "") -> Any:
-    import torch
-
-    weight = state[prefix + "weight"].float()
-    bias = state.get(prefix + "bias")
-    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias.float())
-    return layer
-
-
-def _max_length(tokenizer: Any, config: Any, configured: int | None = None) -> int:
-    if configured:
-        return int(configured)
-    limit = int(min(tokenizer.model_max_length, 1 << 20))
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions:
-        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
-            positions -= 2  # their positions start after the padding index
-        limit = min(limit, int(positions))
-    return limit
-
-
-@dataclass
-class ColbertSettings:
-    """How a ColBERT checkpoint builds queries and documents (PyLate's names, Stanford's values)."""
-
-    query_prefix_id: int | None
-    document_prefix_id: int | None
-    query_length: int
-    document_length: int
-    expand_queries: bool
-    attend_to_expansion: bool
-    skiplist: frozenset[int]
-
-
-def _token_id(tokenizer: Any, token: str, path: str) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"{path}: the ColBERT marker {token!r} is not a token of its tokenizer")
-    return token_id
-
-
-def _colbert_layout(path: str, config: dict[str, Any], tokenizer: Any) -> tuple[Any, ColbertSettings]:
-    """The projection and the settings of a PyLate or a Stanford (HF_ColBERT) checkpoint."""
-    modules = _modules(path)
-    dense_path = next((m.get("path", "") for m in modules[1:] if m.get("type", "").endswith("Dense")), None)
-    if dense_path is not None:
-        if len(modules) != 2:
-            raise ValueError(f"{path}: a PyLate ColBERT folder has a Transformer and one Dense module; modules.json "
-                             f"lists {[m.get('type') for m in modules]}")
-        dense_config = _read_json(model_file(path, f"{dense_path}/config.json")) or {}
-        activation = dense_config.get("activation_function", "torch.nn.modules.linear.Identity")
-        if not activation.endswith("Identity") or dense_config.get("use_residual"):
-            raise ValueError(f"{path}: its Dense module has activation {activation!r}, residual "
-                             f"{bool(dense_config.get('use_residual'))}: only a plain projection is served")
-        state = _load_state(path, (f"{dense_path}/model.safetensors", f"{dense_path}/pytorch_model.bin"))
-        if state is None:
-            raise ValueError(f"{path}: no weights in {dense_path}/")
-        st = _read_json(model_file(path, "config_sentence_transformers.json")) or {}
-
-        def prefix_id(prefix: str | None, default: str) -> int | None:
-            prefix = default if prefix is None else prefix
-            return _token_id(tokenizer, prefix, path) if prefix else None
-
-        words = st.get("skiplist_words")
-        expand = bool(st.get("do_query_expansion", True))
-        settings = ColbertSettings(
-            query_prefix_id=prefix_id(st.get("query_prefix"), "[Q] "),
-            document_prefix_id=prefix_id(st.get("document_prefix"), "[D] "),
-            query_length=int(st.get("query_length") or 32),
-            document_length=int(st.get("document_length") or 180),
-            expand_queries=expand,
-            attend_to_expansion=expand and bool(st.get("attend_to_expansion_tokens", False)),
-            skiplist=frozenset(tokenizer.convert_tokens_to_ids(w)
-                               for w in (list(string.punctuation) if words is None else words)),
-        )
-        return _linear(state, "linear."), settings
-    if "HF_ColBERT" not in (config.get("architectures") or []):
-        raise ValueError(f"{path}: not a ColBERT checkpoint (neither HF_ColBERT nor a PyLate folder with a Dense module)")
-    state = _load_state(path, ("model.safetensors", "pytorch_model.bin"))
-    if state is None or "linear.weight" not in state:
-        raise ValueError(f"{path}: an HF_ColBERT checkpoint without linear.weight in its weights")
-    meta = _read_json(model_file(path, "artifact.metadata")) or {}
-    skip: set[int] = set()
-    if meta.get("mask_punctuation", True):
-        for symbol in string.punctuation:
-            ids = tokenizer.encode(symbol, add_special_tokens=False)
-            if ids:
-                skip.add(ids[0])
-    settings = ColbertSettings(
-        query_prefix_id=_token_id(tokenizer, meta.get("query_token_id", "[unused0]"), path),
-        document_prefix_id=_token_id(tokenizer, meta.get("doc_token_id", "[unused1]"), path),
-        query_length=int(meta.get("query_maxlen", 32)),
-        document_length=int(meta.get("doc_maxlen", 180)),
-        expand_queries=True,
-        attend_to_expansion=bool(meta.get("attend_to_mask_tokens", False)),
-        skiplist=frozenset(skip),
-    )
-    return _linear({"weight": state["linear.weight"]}), settings
-
-
-_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
-                 "max": "pooling_mode_max_tokens", "lasttoken": "pooling_mode_lasttoken"}
-
-
-def pooling_config(path: str, modules: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
-    """The config of a sentence-transformers folder's Pooling module; None when it has none."""
-    pooling = _module_path(_modules(path) if modules is None else modules, "Pooling")
-    if pooling is None:
-        return None
-    return _read_json(model_file(path, f"{pooling}/config.json" if pooling else "config.json")) or {}
-
-
-def _pooling_mode(path: str, modules: list[dict[str, Any]]) -> str:
-    """The pooling of a sentence-transformers folder (mean when the folder is not one, as ST does)."""
-    others = [m.get("type") for m in modules if not m.get("type", "").endswith(("Transformer", "Pooling", "Normalize"))]
-    if others:
-        raise ValueError(f"{path}: modules {others} are not served with MODEL_KINDS=tokens")
-    config = pooling_config(path, modules)
-    if config is None:
-        return "mean"
-    on = [key for key, value in config.items() if key.startswith("pooling_mode_") and value]
-    modes = [mode for mode, key in _POOLING_KEYS.items() if config.get(key)]
-    if len(on) != 1 or len(modes) != 1 or config.get("include_prompt") is False:
-        raise ValueError(f"{path}: pooling {config} is not served with MODEL_KINDS=tokens (one of {tuple(_POOLING_KEYS)})")
-    return modes[0]
-
 
 class MultiEncoder:
     """A transformer body and the heads of its kind; see the module docstring."""
@@ -280,8 +76,8 @@ class MultiEncoder:
         import torch
         from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-        if kind not in KINDS:
-            raise ValueError(f"unknown multi-output kind {kind!r}: one of {KINDS}")
+        if kind not in MULTI_OUTPUT_KINDS:
+            raise ValueError(f"unknown multi-output kind {kind!r}: one of {MULTI_OUTPUT_KINDS}")
         path = engine_args.model_name_or_path
         ls = engine_args._loading_strategy
         self.device = ls.device_placement if ls is not None else "cpu"
@@ -296,26 +92,26 @@ class MultiEncoder:
         self.token_dimensions: int | None = None
         self.normalize_dense = False
         self.vocab_size: int | None = None
-        modules = _modules(path)
-        config_json = _read_json(model_file(path, "config.json")) or {}
+        modules = st_modules(path)
+        config_json = read_json(model_file(path, "config.json")) or {}
         sub = ""
         configured_length = None
         if kind == SPLADE_KIND:
-            sub = _module_path(modules, "MLMTransformer") or _module_path(modules, "Transformer") or ""
+            sub = module_path(modules, "MLMTransformer") or module_path(modules, "Transformer") or ""
         elif modules:
-            sub = _module_path(modules, "Transformer") or ""
+            sub = module_path(modules, "Transformer") or ""
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs, **({"subfolder": sub} if sub else {}))
         if kind == COLBERT_KIND:
-            projection, self.colbert = _colbert_layout(path, config_json, tokenizer)
-        st_config = _read_json(model_file(path, f"{sub}/sentence_bert_config.json" if sub else "sentence_bert_config.json"))
+            projection, self.colbert = colbert_layout(path, config_json, tokenizer)
+        st_config = read_json(model_file(path, f"{sub}/sentence_bert_config.json" if sub else "sentence_bert_config.json"))
         if st_config:
             configured_length = st_config.get("max_seq_length")
         load = {"dtype": dtype, **kwargs, **({"subfolder": sub} if sub else {})}
         self.tokenizer = tokenizer
         if kind == SPLADE_KIND:
             self.model = AutoModelForMaskedLM.from_pretrained(path, **load).to(self.device).eval()
-            pooling = _read_json(model_file(path, f"{_module_path(modules, 'SpladePooling')}/config.json")) \
-                if _module_path(modules, "SpladePooling") is not None else None
+            pooling = read_json(model_file(path, f"{module_path(modules, 'SpladePooling')}/config.json")) \
+                if module_path(modules, "SpladePooling") is not None else None
             pooling = pooling or {}
             self.splade_pooling = pooling.get("pooling_strategy", "max")
             self.splade_activation = pooling.get("activation_function", "relu")
@@ -333,10 +129,10 @@ class MultiEncoder:
             body_dtype = next(self.model.parameters()).dtype
             if kind == BGE_M3_KIND:
                 outputs = [DENSE]
-                sparse_state = _load_state(path, ("sparse_linear.pt",))
-                colbert_state = _load_state(path, ("colbert_linear.pt",))
-                self.sparse_linear = _linear(sparse_state).to(self.device, body_dtype) if sparse_state else None
-                self.colbert_linear = _linear(colbert_state).to(self.device, body_dtype) if colbert_state else None
+                sparse_state = load_state(path, ("sparse_linear.pt",))
+                colbert_state = load_state(path, ("colbert_linear.pt",))
+                self.sparse_linear = linear(sparse_state).to(self.device, body_dtype) if sparse_state else None
+                self.colbert_linear = linear(colbert_state).to(self.device, body_dtype) if colbert_state else None
                 if self.sparse_linear is not None:
                     outputs.append(SPARSE)
                     self.vocab_size = int(self.model.config.vocab_size)
@@ -351,7 +147,7 @@ class MultiEncoder:
                 self.outputs = tuple(outputs)
                 self.pooling = "cls"
                 self.dimensions = hidden
-                self.normalize_dense = _module_path(modules, "Normalize") is not None
+                self.normalize_dense = module_path(modules, "Normalize") is not None
             elif kind == COLBERT_KIND:
                 self.projection = projection.to(self.device, body_dtype)
                 self.outputs = (TOKENS,)
@@ -359,13 +155,13 @@ class MultiEncoder:
                 if getattr(tokenizer, "padding_side", "right") != "right":
                     raise ValueError(f"{path}: ColBERT query expansion is served for right-padding tokenizers only")
             else:
-                self.pooling = _pooling_mode(path, modules)
-                self.normalize_dense = _module_path(modules, "Normalize") is not None
+                self.pooling = pooling_mode(path, modules)
+                self.normalize_dense = module_path(modules, "Normalize") is not None
                 self.outputs = (DENSE, TOKENS)
                 self.dimensions = self.token_dimensions = hidden
-                st = _read_json(model_file(path, "config_sentence_transformers.json")) or {}
+                st = read_json(model_file(path, "config_sentence_transformers.json")) or {}
                 self.prompts = dict(st.get("prompts") or {})
-        self.max_length = _max_length(tokenizer, self.model.config, configured_length)
+        self.max_length = max_length(tokenizer, self.model.config, configured_length)
         if self.colbert is not None:
             # The longest text a request can send: a document, less the marker inserted after CLS.
             self.max_length = self.colbert.document_length - (self.colbert.document_prefix_id is not None)

@@ -13,10 +13,7 @@ if TYPE_CHECKING:
     from infinity_emb.args import EngineArgs
 
 
-
 class LogitClassifier:
-    capabilities = {"classify"}
-
     def __init__(self, *, engine_args: EngineArgs) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer

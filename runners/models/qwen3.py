@@ -2,8 +2,8 @@
 
 The reranker is a causal LM that answers "yes" or "no". Its score is
 sigmoid(logit_yes - logit_no), and logit_yes - logit_no = h_last · (W_lm[yes] - W_lm[no]), so the
-model is served as its transformer body plus a one-row fp32 head: Infinity's batch handler then
-batches it like any cross-encoder and the 151k-wide LM head is never computed.
+model is served as its transformer body plus a one-row fp32 head: the project's scheduler
+(runners.engine.scheduler) batches it like any cross-encoder and the 151k-wide LM head is never computed.
 """
 
 from __future__ import annotations
@@ -52,13 +52,11 @@ def _torch_dtype(name: str | None, device: str) -> Any:
 
 
 class Qwen3Reranker:
-    """Qwen3-Reranker as an Infinity cross-encoder: exact prompt, left padding, yes−no head in fp32.
+    """Qwen3-Reranker as a cross-encoder replica: exact prompt, left padding, yes−no head in fp32.
 
-    Infinity hands `encode_pre` (query, document) pairs; the service passes the query already
+    The scheduler hands `encode_pre` (query, document) pairs; the service passes the query already
     formatted by `rerank_body_start`, so body = query + document with no whitespace stripped.
     """
-
-    capabilities = {"rerank"}
 
     def __init__(self, *, engine_args: EngineArgs) -> None:
         import torch

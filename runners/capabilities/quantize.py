@@ -35,7 +35,7 @@ import threading
 
 import numpy as np
 
-EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary")
+from runners.vocabulary import EMBEDDING_TYPES
 
 # Per-dimension range = [p, 100 - p] percentiles of the calibration embeddings. Chosen by measurement on
 # all-MiniLM-L6-v2: calibrate on a random half (128) of CALIBRATION_TEXTS, then rank the other 128 texts plus the

@@ -1,0 +1,48 @@
+"""Logs: the service's own loggers (plain text or JSON lines), the access log FrontDoor writes, and
+request ids."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from typing import Any
+
+# Request ids: unique per process by a counter behind a random per-process prefix (32 hex characters, as
+# uuid4().hex was). uuid4 reads os.urandom per call: 5 % of the event loop's samples at 64 connections.
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
+
+
+access_log = logging.getLogger("embed_rerank.access")
+_EXTRA_FIELDS = ("request_id", "method", "path", "status", "duration_ms")
+
+
+class JSONLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({k: getattr(record, k) for k in _EXTRA_FIELDS if hasattr(record, k)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure_logging(log_format: str) -> None:
+    """The service's own loggers: JSON lines or plain text on stderr, INFO and up."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JSONLogFormatter() if log_format == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("embed_rerank")
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False

@@ -1,0 +1,198 @@
+"""The route table: every model route of the service, in every dialect, once. Each row names its
+method, path, request type and handler; from the table come the framework's routes (BentoML APIs
+for the native paths, one FastAPI app per mounted prefix) and FrontDoor's fast path (`fast=True`:
+a well-formed body is answered without the framework's layers, runners.api.front_door).
+
+Health (`/livez`, `/readyz`), `/metrics` and `/docs.json` are BentoML's own, shaped by FrontDoor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from runners.api import handlers, tei
+from runners.api.responses import answer, client_status_error, error_response, is_tei
+from runners.api.schemas import (
+    ClassifyRequest,
+    CohereEmbedRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    TokenizeRequest,
+    V1RerankRequest,
+    V2RerankRequest,
+)
+from runners.api.tei_schemas import (
+    TeiDecodeRequest,
+    TeiEmbedRequest,
+    TeiPredictRequest,
+    TeiRerankRequest,
+    TeiSimilarityRequest,
+    TeiTokenizeRequest,
+)
+from runners.errors import BadRequest, ModelNotFound, ServiceError, from_validation_errors
+from runners.vocabulary import TEI_PREFIX
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    # POST with a schema: the validated body -> the response's content; POST without one: the parsed
+    # JSON; GET: the query parameters. A ServiceError raised is answered in the route's dialect.
+    handle: Callable[[Any], Awaitable[Any]]
+    schema: type[BaseModel] | None = None
+    fast: bool = False  # FrontDoor answers a well-formed body itself
+
+    @property
+    def tei(self) -> bool:
+        return is_tei(self.path)
+
+
+ROUTES: tuple[Route, ...] = (
+    # native: BentoML APIs
+    Route("POST", "/embed", handlers.embed, EmbeddingRequest, fast=True),
+    Route("POST", "/rerank", handlers.rerank, RerankRequest, fast=True),
+    Route("POST", "/classify", handlers.classify, ClassifyRequest, fast=True),
+    Route("POST", "/tokenize", handlers.tokenize, TokenizeRequest),
+    # OpenAI, Jina and Cohere v1
+    Route("GET", "/v1/models", handlers.models),
+    Route("POST", "/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
+    Route("POST", "/v1/rerank", handlers.v1_rerank, V1RerankRequest, fast=True),
+    # Cohere v2
+    Route("POST", "/v2/embed", handlers.v2_embed, CohereEmbedRequest, fast=True),
+    Route("POST", "/v2/rerank", handlers.v2_rerank, V2RerankRequest, fast=True),
+    # Hugging Face Text Embeddings Inference (FrontDoor rewrites `POST /tei` to `/tei/`)
+    Route("POST", "/tei/", tei.root),
+    Route("POST", "/tei/embed", tei.embed, TeiEmbedRequest, fast=True),
+    Route("POST", "/tei/rerank", tei.rerank, TeiRerankRequest, fast=True),
+    Route("POST", "/tei/predict", tei.predict, TeiPredictRequest),
+    Route("POST", "/tei/similarity", tei.similarity, TeiSimilarityRequest),
+    Route("POST", "/tei/embed_all", tei.embed_all, TeiEmbedRequest),
+    Route("POST", "/tei/embed_sparse", tei.embed_sparse, TeiEmbedRequest),
+    Route("POST", "/tei/tokenize", tei.tokenize, TeiTokenizeRequest),
+    Route("POST", "/tei/decode", tei.decode, TeiDecodeRequest),
+    Route("GET", "/tei/info", tei.info),
+    Route("GET", "/tei/health", tei.health),
+)
+
+# Prefixes served by a FastAPI app each (mounted by service.py); other paths are BentoML APIs.
+MOUNTS = {
+    "/v1": "OpenAI, Jina and Cohere v1 compatible routes",
+    "/v2": "Cohere v2 compatible routes",
+    TEI_PREFIX: "Text Embeddings Inference compatible routes",
+}
+
+
+def mount_of(path: str) -> str | None:
+    return next((prefix for prefix in MOUNTS if path.startswith(prefix + "/")), None)
+
+
+def fast_routes() -> dict[str, Route]:
+    return {route.path: route for route in ROUTES if route.fast}
+
+
+def untraced_paths() -> list[str]:
+    """Paths OpenTelemetry's middleware skips (it halved a bare route's req/s): every model route."""
+    return [route.path for route in ROUTES if not route.tei] + [TEI_PREFIX]
+
+
+# ---- the framework's routes, made from the table ----
+
+
+def mounted_apps() -> dict[str, FastAPI]:
+    """One FastAPI app per prefix of MOUNTS, with its routes and its dialect's error handlers."""
+    apps = {}
+    for prefix, title in MOUNTS.items():
+        tei_app = prefix == TEI_PREFIX
+        # TEI's OpenAPI document is TEI's own; the other apps keep FastAPI's at <prefix>/openapi.json.
+        app = FastAPI(title=title, **({"openapi_url": None} if tei_app else {}))
+        _install_error_handlers(app, tei_app)
+        for route in ROUTES:
+            if mount_of(route.path) == prefix:
+                app.add_api_route(route.path[len(prefix):], _endpoint(route), methods=[route.method],
+                                  name=route.handle.__name__)
+        apps[prefix] = app
+    return apps
+
+
+def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
+    """A FastAPI endpoint for a route: FastAPI validates a schema's body (its errors go to the app's
+    handlers); the handler's result or error is answered in the route's dialect."""
+    tei_dialect = route.tei
+    if route.schema is not None:
+        async def endpoint(body: Any) -> Response:
+            return await answer(lambda: route.handle(body), tei_dialect)
+
+        endpoint.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=route.schema)],
+            return_annotation=Response)
+        return endpoint
+
+    async def raw_endpoint(request: Request) -> Response:
+        async def call() -> Any:
+            if route.method == "GET":
+                return await route.handle(dict(request.query_params))
+            try:
+                data = await request.json()
+            except ValueError:
+                raise BadRequest("the request body is not valid JSON: send one JSON object", code="invalid_json") from None
+            return await route.handle(data)
+
+        return await answer(call, tei_dialect)
+
+    return raw_endpoint
+
+
+def _install_error_handlers(app: FastAPI, tei_dialect: bool) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _schema(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(from_validation_errors(list(exc.errors())), tei_dialect)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err: ServiceError
+        if tei_dialect:
+            err = BadRequest(f"{exc.detail}: see the TEI routes in docs/api.md (TEI under /tei)",
+                             code=f"http_{exc.status_code}")
+        elif exc.status_code == 404:
+            err = ModelNotFound(f"no such route: {exc.detail}", code="not_found")
+        elif "parsing the body" in str(exc.detail):
+            err = BadRequest("the request body is not valid JSON: send one UTF-8 encoded JSON object", code="invalid_json")
+        else:
+            err = client_status_error(exc.status_code, str(exc.detail))
+        err.status = exc.status_code
+        return error_response(err, tei_dialect)
+
+
+def native_apis(cls: type) -> type:
+    """Class decorator for the BentoML service: one `@bentoml.api` method per native route of the table."""
+    import bentoml
+
+    for route in ROUTES:
+        if mount_of(route.path) is None:
+            name = route.path.strip("/")
+            setattr(cls, name, bentoml.api(route=route.path, input_spec=route.schema)(_bento_method(route, name)))
+    return cls
+
+
+def _bento_method(route: Route, name: str) -> Callable[..., Awaitable[Any]]:
+    schema = route.schema
+    assert schema is not None, f"native route {route.path} needs a request schema"
+
+    async def method(self: Any, **params: Any) -> Any:
+        body = schema.model_construct(**params)  # BentoML validated it already
+        return await answer(lambda: route.handle(body))
+
+    method.__name__ = method.__qualname__ = name
+    method.__annotations__ = {"params": Any, "return": dict}
+    return method
+

@@ -1,0 +1,214 @@
+"""Request types of the native, OpenAI, Jina/Cohere v1 and Cohere v2 routes (field by field as those
+APIs send them), each converting itself into the internal query of its capability (`to_query()`).
+
+Responses are built as plain dicts by the capabilities: a list of 1,000 vectors of 384 floats is
+384,000 numbers, and pydantic would copy each of them once more on the way out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from runners.capabilities.queries import ClassifyQuery, EmbedQuery, RerankQuery
+from runners.vocabulary import DENSE, EMBEDDING_TYPES, OUTPUTS
+
+# `str` for text; `[int]` / `[[int]]` for token ids, as the OpenAI API and its SDK (tiktoken) send.
+TokenIds = list[StrictInt]
+EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+
+EmbeddingType = Literal[EMBEDDING_TYPES]  # type: ignore[valid-type]
+OutputName = Literal[OUTPUTS]  # type: ignore[valid-type]
+
+INPUT_TYPE_ALIASES = {
+    "query": "query",
+    "search_query": "query",
+    "document": "document",
+    "passage": "document",
+    "search_document": "document",
+    # Cohere's other input types: no prompt (symmetric tasks).
+    "classification": None,
+    "clustering": None,
+}
+
+
+class JsonRequest(BaseModel):
+    # Unknown fields are ignored: SDKs and frameworks send fields of their own (`user`, headers
+    # folded into the body by proxies); rejecting them would break clients that work elsewhere.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class EmbeddingRequest(JsonRequest):
+    """`POST /embed`, `POST /v1/embeddings` and the RunPod embed job."""
+
+    input: EmbeddingInput = Field(description="a text, a list of texts, token ids, or a list of token-id lists")
+    model: str | None = None
+    input_type: str | None = Field(None, description="query or document: applies the model's prompt")
+    instruction: str | None = Field(None, description="task text for instruction models (implies a query)")
+    dimensions: Annotated[int, Field(ge=0)] | None = Field(None, description="0 or null: every dimension")
+    normalize: bool = True
+    encoding_format: Literal["float", "base64"] = "float"
+    embedding_type: EmbeddingType = Field(
+        "float", description="float, or quantized: int8, uint8, binary, ubinary (docs/api.md, quantized embeddings)")
+    output: Union[OutputName, list[OutputName]] = Field(
+        DENSE, description="dense, sparse ({indices, values}) or tokens (one vector per token), or several: "
+                             "the first is `embedding`, the others `sparse_embedding` / `token_embeddings` / `dense_embedding`")
+    sparse_top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="keep the k largest sparse weights")
+    truncate: bool = True
+    user: str | None = None
+
+    @field_validator("input_type")
+    @classmethod
+    def _input_type(cls, value: str | None) -> str | None:
+        return input_type_of(value)
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions(cls, value: int | None) -> int | None:
+        return value or None  # Infinity's client sends 0 for "not set", as Infinity's server reads it
+
+    def to_query(self) -> EmbedQuery:
+        texts, ids = texts_or_ids(self.input)
+        return EmbedQuery(
+            texts=texts,
+            token_ids=ids,
+            model=self.model,
+            input_type=self.input_type,
+            instruction=self.instruction,
+            dimensions=self.dimensions,
+            normalize=self.normalize,
+            encoding_format=self.encoding_format,
+            truncate=self.truncate,
+            embedding_types=(self.embedding_type,),
+            outputs=(self.output,) if isinstance(self.output, str) else tuple(dict.fromkeys(self.output)) or (DENSE,),
+            sparse_top_k=self.sparse_top_k,
+        )
+
+
+def input_type_of(value: str | None) -> str | None:
+    if value is None:
+        return None
+    key = value.strip().lower()
+    if key not in INPUT_TYPE_ALIASES:
+        raise ValueError(f"input_type must be one of {sorted(INPUT_TYPE_ALIASES)}, got {value!r}")
+    return INPUT_TYPE_ALIASES[key]
+
+
+class CohereEmbedRequest(JsonRequest):
+    """`POST /v2/embed`: Cohere's embed v2 (texts only; images are not served)."""
+
+    model: str | None = None
+    texts: list[StrictStr]
+    input_type: str | None = Field(None, description="search_query, search_document, classification or clustering")
+    embedding_types: list[EmbeddingType] = Field(default_factory=lambda: ["float"])
+    output_dimension: Annotated[int, Field(ge=1)] | None = None
+    truncate: Literal["NONE", "START", "END"] = "END"
+
+    @field_validator("input_type")
+    @classmethod
+    def _input_type(cls, value: str | None) -> str | None:
+        return input_type_of(value)
+
+    def to_query(self) -> EmbedQuery:
+        return EmbedQuery(
+            texts=list(self.texts),
+            token_ids=None,
+            model=self.model,
+            input_type=self.input_type,
+            dimensions=self.output_dimension,
+            truncate=self.truncate != "NONE",
+            truncate_left=self.truncate == "START",
+            embedding_types=tuple(dict.fromkeys(self.embedding_types)) or ("float",),
+        )
+
+
+class TokenizeRequest(JsonRequest):
+    """`POST /tokenize`: token ids and counts per text, for clients that budget tokens."""
+
+    input: Union[StrictStr, list[StrictStr]]
+    model: str | None = None
+    add_special_tokens: bool = True
+
+
+class _DocumentObject(JsonRequest):
+    text: StrictStr
+
+
+Document = Union[StrictStr, _DocumentObject]
+
+
+class _RerankBase(JsonRequest):
+    model: str | None = None
+    query: StrictStr
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    raw_scores: bool = False
+    instruction: str | None = None
+    max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
+
+    def to_query(self) -> RerankQuery:
+        return RerankQuery(
+            query=self.query,
+            documents=[doc if isinstance(doc, str) else doc.text for doc in self.documents or []],
+            model=self.model,
+            top_n=self.top_n,
+            return_documents=getattr(self, "return_documents", False),
+            raw_scores=self.raw_scores,
+            instruction=self.instruction,
+            max_tokens_per_doc=self.max_tokens_per_doc,
+        )
+
+
+class RerankRequest(_RerankBase):
+    """`POST /rerank` and the RunPod rerank job (`docs` and `return_docs` as the seed worker).
+
+    TEI's rerank body (`texts`) is taken too, and answered in TEI's shape: Haystack's TEI ranker
+    drops any path from its URL and posts it to `/rerank`."""
+
+    documents: list[Document] | None = Field(None, validation_alias=AliasChoices("documents", "docs"))
+    return_documents: bool = Field(False, validation_alias=AliasChoices("return_documents", "return_docs"))
+    texts: list[StrictStr] | None = Field(None, description="TEI's field: answered as TEI's /rerank")
+    return_text: bool = False
+    truncate: bool | None = None
+    truncation_direction: str | None = None
+
+    @model_validator(mode="after")
+    def _documents_or_texts(self) -> RerankRequest:
+        if self.documents is None and self.texts is None:
+            raise ValueError("send the texts to rank as 'documents' (or 'docs')")
+        return self
+
+
+class V1RerankRequest(RerankRequest):
+    """`POST /v1/rerank`: Jina and Cohere v1, which return documents unless told not to."""
+
+    return_documents: bool = Field(True, validation_alias=AliasChoices("return_documents", "return_docs"))
+
+
+class V2RerankRequest(_RerankBase):
+    """`POST /v2/rerank`: Cohere v2 (no `return_documents`; `max_tokens_per_doc`)."""
+
+    documents: list[Document]
+
+
+class ClassifyRequest(JsonRequest):
+    """`POST /classify`."""
+
+    input: Union[StrictStr, list[StrictStr]]
+    model: str | None = None
+    raw_scores: bool = False
+
+    def to_query(self) -> ClassifyQuery:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        return ClassifyQuery(texts=texts, model=self.model, raw_scores=self.raw_scores)
+
+
+def texts_or_ids(data: EmbeddingInput) -> tuple[list[str] | None, list[list[int]] | None]:
+    """A text, texts, token ids or rows of token ids: (texts, None) or (None, rows of ids)."""
+    if isinstance(data, str):
+        return [data], None
+    if data and isinstance(data[0], int):
+        return None, [list(data)]  # type: ignore[arg-type]
+    if data and isinstance(data[0], list):
+        return None, [list(x) for x in data]  # type: ignore[union-attr]
+    return list(data), None  # type: ignore[arg-type]

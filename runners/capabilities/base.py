@@ -1,0 +1,113 @@
+"""What every capability shares: the request limits, the model's prompt for a request, and the
+per-model accounting (stats and metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from runners import metrics
+from runners.engine.registry import EngineRegistry, LoadedModel
+from runners.errors import BadRequest, PayloadTooLarge
+from runners.models.qwen3 import embedding_instruction
+from runners.settings import Settings
+
+
+class Capability:
+    settings: Settings
+    registry: EngineRegistry
+
+    @staticmethod
+    def _account(model: LoadedModel, capability: str, items: int, tokens: int) -> None:
+        model.stats.requests += 1
+        model.stats.items += items
+        model.stats.tokens += tokens
+        counters = metrics.of(model.name, capability)
+        counters.requests.inc()
+        counters.items.inc(items)
+        counters.tokens.inc(tokens)
+        counters.request_items.observe(items)
+
+    # ---- limits ----
+
+    def _check_count(self, count: int, param: str) -> None:
+        if not count:
+            raise BadRequest(f"'{param}' is empty: send at least one text", param=param, code="empty_input")
+        if count > self.settings.max_items:
+            raise PayloadTooLarge(
+                f"'{param}' has {count} items; the limit is MAX_ITEMS_PER_REQUEST={self.settings.max_items}: "
+                "split the request",
+                param=param,
+                code="too_many_items",
+            )
+
+    def _check_texts(self, texts: list[str], param: str) -> None:
+        self._check_count(len(texts), param)
+        for i, text in enumerate(texts):
+            if not text:
+                raise BadRequest(f"'{param}[{i}]' is an empty string: send non-empty text", param=param,
+                                 code="empty_input")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise BadRequest(
+                        f"'{param}[{i}]' holds a lone UTF-16 surrogate ({text[exc.start]!r}) at character {exc.start}: "
+                        "send valid Unicode (escape pairs like \\ud83d\\ude00 must come in pairs)",
+                        param=param, code="invalid_text",
+                    ) from None
+            if len(text) > self.settings.max_chars:
+                raise PayloadTooLarge(
+                    f"'{param}[{i}]' has {len(text)} characters; the limit is "
+                    f"MAX_CHARS_PER_TEXT={self.settings.max_chars}",
+                    param=param,
+                    code="text_too_long",
+                )
+
+    async def _reject_long(self, model: LoadedModel, texts: list[str], param: str) -> None:
+        """`truncate: false`: a text longer than the model's window is an error, not silently cut."""
+        lengths = [len(ids) for ids in await asyncio.to_thread(model.tokenize, texts)]
+        for i, n in enumerate(lengths):
+            if n > model.max_tokens:
+                raise PayloadTooLarge(
+                    f"'{param}[{i}]' has {n} tokens; model {model.name!r} reads at most {model.max_tokens}: "
+                    "shorten it or send truncate: true",
+                    param=param,
+                    code="text_too_long",
+                )
+
+
+    @staticmethod
+    def _check_vocabulary(model: LoadedModel, ids: list[list[int]], param: str, allow_empty: bool = False) -> None:
+        """Every id inside the model's vocabulary (and, for inputs, no empty row), named by its row."""
+        vocab = model.vocab_size
+        for i, row in enumerate(ids):
+            if not row and not allow_empty:
+                raise BadRequest(f"'{param}[{i}]' is an empty token list", param=param)
+            bad = next((t for t in row if t < 0 or t >= vocab), None)
+            if bad is not None:
+                raise BadRequest(
+                    f"'{param}[{i}]' has token id {bad}, outside the vocabulary of {model.name!r} (0..{vocab - 1})",
+                    param=param,
+                )
+
+
+    def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None,
+                prompt_name: str | None = None) -> str:
+        if prompt_name is not None:
+            if prompt_name not in model.prompts:
+                known = ", ".join(sorted(model.prompts)) or "none"
+                raise BadRequest(f"prompt_name {prompt_name!r} is not a prompt of model {model.name!r} (its prompts: {known})",
+                                 param="prompt_name", code="unknown_prompt")
+            return model.prompts[prompt_name]
+        if instruction is not None:
+            # Instruction models (Qwen3, gte-Qwen, e5-mistral) take the task inside their template;
+            # for any other model the instruction is the prefix itself.
+            if model.prompts.get("query", "").startswith("Instruct:"):
+                return embedding_instruction(instruction)
+            return instruction
+        if input_type == "query":
+            return model.prompts.get("query", "")
+        if input_type == "document":
+            return model.prompts.get("document", model.prompts.get("passage", ""))
+        return ""
+

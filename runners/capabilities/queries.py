@@ -1,0 +1,46 @@
+"""The one internal query per capability that every route, in every dialect, and every RunPod job
+translates into (the request types in runners.api convert themselves with `to_query()`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runners.vocabulary import DENSE
+
+
+@dataclass(frozen=True)
+class EmbedQuery:
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    model: str | None = None
+    input_type: str | None = None
+    instruction: str | None = None
+    dimensions: int | None = None
+    normalize: bool = True
+    encoding_format: str = "float"
+    truncate: bool = True
+    # Several at once for Cohere's `embedding_types`; every other route asks for one.
+    embedding_types: tuple[str, ...] = ("float",)
+    truncate_left: bool = False  # cut a long text's start instead of its end (TEI, Cohere)
+    prompt_name: str | None = None  # a key of the model's prompts (TEI)
+    outputs: tuple[str, ...] = (DENSE,)  # vocabulary.OUTPUTS; the first is `embedding`
+    sparse_top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class RerankQuery:
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = None
+    return_documents: bool = False
+    raw_scores: bool = False
+    instruction: str | None = None
+    max_tokens_per_doc: int | None = None
+
+
+@dataclass(frozen=True)
+class ClassifyQuery:
+    texts: list[str]
+    model: str | None = None
+    raw_scores: bool = False

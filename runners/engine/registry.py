@@ -1,0 +1,252 @@
+"""The served models: loading each with its scheduler, finding one by name or capability, bounded
+queues, the watchdog (restart a loop that died; a model that cannot be brought back makes health
+answer 503 and the process exit) and stopping every model on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from runners import metrics
+from runners.engine.devices import default_batch_tokens, process_torch_threads, single_thread_tokens, torch_on_cpu
+from runners.engine.health import HEALTH
+from runners.engine.scheduler import ModelScheduler
+from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
+from runners.models.card import ModelCard
+from runners.models.load import load_card
+from runners.settings import ModelSpec, Settings
+from runners.vocabulary import DENSE, EMBED, RERANK, RERANK_PREFERENCE, UNSPECIFIED_MODELS
+
+log = logging.getLogger("embed_rerank.engines")
+
+_HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
+FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
+_PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
+
+
+@dataclass
+class ModelStats:
+    requests: int = 0
+    items: int = 0
+    tokens: int = 0
+    errors: int = 0
+    inference_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "items": self.items,
+            "tokens": self.tokens,
+            "errors": self.errors,
+            "inference_seconds": round(self.inference_seconds, 3),
+        }
+
+
+@dataclass(kw_only=True)
+class LoadedModel(ModelCard):
+    """A model card with its running scheduler, queue depth and counters."""
+
+    scheduler: ModelScheduler
+    in_flight: int = 0
+    stats: ModelStats = field(default_factory=ModelStats)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "object": "model",
+            # Infinity's generated client accepts only this value (an enum of one); the rest of the entry
+            # says what this service is.
+            "owned_by": "infinity",
+            "created": self.created,
+            "capabilities": sorted(self.capabilities),
+            "rerank_via": self.rerank_via,
+            "path": self.spec.name_or_path,
+            "backend": self.spec.backend,
+            "dtype": self.spec.dtype,
+            "batch_size": self.spec.batch_size,
+            "max_batch_tokens": self.scheduler.budget.limit,
+            "batch_tokens_now": self.scheduler.budget.current,
+            "dimensions": self.dimensions,
+            # What /embed's `output` may ask of this model (docs/api.md, sparse and multi-vector embeddings).
+            "outputs": list(self.outputs) or ([DENSE] if EMBED in self.capabilities else []),
+            "token_dimensions": self.token_dimensions,
+            "max_tokens": self.max_tokens,
+            "prompts": self.prompts,
+            "labels": self.labels or None,
+            "load_seconds": round(self.load_seconds, 2),
+            "in_flight": self.in_flight,
+            "stats": self.stats.as_dict() | self.scheduler.counters,
+        }
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
+    """Load one model and build its scheduler (blocking: run it in a thread); not started yet."""
+    card = load_card(spec, settings)
+    replica = card.replica
+    probe = [(t, t) for t in _PROBE_TEXTS] if card.pairs else _PROBE_TEXTS
+    scheduler = ModelScheduler(
+        replica, name=spec.served_name, max_batch_size=spec.batch_size,
+        max_batch_tokens=spec.max_batch_tokens or default_batch_tokens(settings), probe=probe,
+        single_thread_tokens=single_thread_tokens(replica, settings),
+        cpu_threads=process_torch_threads() if torch_on_cpu(replica, settings) else 0,
+    )
+    return LoadedModel(**card.card_fields(), scheduler=scheduler)
+
+
+class EngineRegistry:
+    """Every served model, found by name or by capability, with bounded queues."""
+
+    def __init__(self, settings: Settings, on_fatal: Callable[[str], Any] | None = None) -> None:
+        self.settings = settings
+        self.models: list[LoadedModel] = []
+        self.ready = False
+        self.on_fatal = on_fatal  # called once a model cannot be brought back: the process should exit
+        self._start_lock = asyncio.Lock()
+        self._watchdog: asyncio.Task | None = None
+
+    async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
+        """Load, start and warm every model; ready only after the last one answered."""
+        async with self._start_lock:
+            if self.ready:
+                return
+            total = time.perf_counter()
+            for i, spec in enumerate(self.settings.models, 1):
+                log.info("loading model %d/%d: %s (%s)", i, len(self.settings.models), spec.served_name, spec.name_or_path)
+                try:
+                    loaded = await asyncio.to_thread(load_model, spec, self.settings)
+                except Exception as exc:
+                    await self.stop()
+                    raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+                loaded.scheduler.start()
+                self.models.append(loaded)
+                if warmup is not None and self.settings.model_warmup:
+                    await warmup(loaded)
+                log.info(
+                    "model %s ready in %.1fs: %s", spec.served_name, time.perf_counter() - total,
+                    ", ".join(sorted(loaded.capabilities)),
+                )
+            self.ready = True
+            self._watchdog = asyncio.create_task(self._watch(), name="embed-rerank-watchdog")
+            log.info("all %d model(s) ready in %.1fs", len(self.models), time.perf_counter() - total)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for model in self.models:
+            try:
+                await asyncio.to_thread(model.scheduler.stop)
+            except Exception:  # noqa: BLE001 - one model failing to stop must not keep the others running
+                log.exception("stopping model %s failed", model.name)
+        self.models = []
+
+    @property
+    def serving(self) -> bool:
+        """Every model loaded and none out of service."""
+        return self.ready and HEALTH.reason is None
+
+    async def _watch(self) -> None:
+        """Restart a scheduler loop that died; give a model up when it keeps dying or stalls."""
+        stall = self.settings.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, stall / 4))
+            for model in self.models:
+                scheduler = model.scheduler
+                if scheduler.dead_reason is not None:
+                    continue
+                roles = scheduler.dead_loops()
+                if roles:
+                    if scheduler.restart(roles):
+                        log.warning("model %s: restarted its %s loop", model.name, " and ".join(roles))
+                        continue
+                    self._give_up(model, f"its batch loop died more than {scheduler.restarts_allowed} times "
+                                         f"within {scheduler.restart_window_s:.0f}s")
+                elif (stalled := scheduler.stalled_for()) > stall:
+                    self._give_up(model, f"a batch made no progress for {stalled:.0f}s (MODEL_STALL_TIMEOUT={stall:g})")
+
+    def _give_up(self, model: LoadedModel, why: str) -> None:
+        reason = f"model {model.name!r} is out of service: {why}"
+        log.error("%s; health answers 503 and the process exits", reason)
+        HEALTH.fail(reason)
+        model.scheduler.kill(why)
+        if self.on_fatal is not None:
+            asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, self.on_fatal, reason)
+
+    def find(self, name: str) -> LoadedModel:
+        """A model by any of its names, whatever it serves."""
+        for loaded in self.models:
+            if name in loaded.spec.names():
+                return loaded
+        if not self.ready:
+            raise Unavailable(f"model {name!r} is not loaded yet: retry when GET /readyz answers 200")
+        served = ", ".join(m.name for m in self.models)
+        raise ModelNotFound(f"model {name!r} is not served here; served models: {served}", param="model")
+
+    def resolve(self, model: str | None, capability: str) -> LoadedModel:
+        if model in UNSPECIFIED_MODELS:
+            model = None
+        if model:
+            for loaded in self.models:
+                if model in loaded.spec.names():
+                    if capability not in loaded.capabilities:
+                        raise BadRequest(
+                            f"model {model!r} cannot {capability}: it serves {', '.join(sorted(loaded.capabilities))}",
+                            param="model",
+                            code="unsupported_capability",
+                        )
+                    return loaded
+            if not self.ready:
+                raise Unavailable(f"model {model!r} is not loaded yet: retry when GET /readyz answers 200")
+            served = ", ".join(m.name for m in self.models)
+            raise ModelNotFound(f"model {model!r} is not served here; served models: {served}", param="model")
+        capable = [m for m in self.models if capability in m.capabilities]
+        # A real reranker beats ColBERT's late interaction, which beats the cosine fallback of an
+        # embedding model listed before them.
+        capable.sort(key=lambda m: RERANK_PREFERENCE.get(m.rerank_via, 0) if capability == RERANK else 0)
+        if capable:
+            return capable[0]
+        if not self.ready:
+            raise Unavailable("the models are still loading: retry when GET /readyz answers 200")
+        raise BadRequest(
+            f"no served model can {capability}: add one to MODEL_NAMES", param="model", code="unsupported_capability"
+        )
+
+    def queue_depth(self) -> int:
+        return sum(m.in_flight for m in self.models)
+
+    async def run(self, model: LoadedModel, capability: str, inputs: list[Any]) -> tuple[list[Any], int]:
+        """The model's results for `inputs` and the tokens it read; refused at once when its queue is full."""
+        items = len(inputs)
+        limit = self.settings.queue_size
+        if model.in_flight + items > limit:
+            raise Overloaded(
+                f"model {model.name!r} has {model.in_flight} items queued (INFINITY_QUEUE_SIZE={limit}): "
+                f"retry after a short wait",
+                headers={"Retry-After": "1"},
+            )
+        model.in_flight += items
+        started = time.perf_counter()
+        try:
+            if _HAS_TIMEOUT:  # no extra task per request, as wait_for makes on 3.11
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    return await model.scheduler.run(inputs)
+            return await asyncio.wait_for(model.scheduler.run(inputs), timeout=self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            model.stats.errors += 1
+            raise Timeout(
+                f"model {model.name!r} did not answer within REQUEST_TIMEOUT={self.settings.request_timeout_s}s"
+            ) from None
+        except ServiceError:
+            model.stats.errors += 1
+            raise
+        finally:
+            model.in_flight -= items
+            elapsed = time.perf_counter() - started
+            model.stats.inference_seconds += elapsed
+            metrics.of(model.name, capability).inference_seconds.observe(elapsed)

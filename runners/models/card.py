@@ -1,0 +1,74 @@
+"""What the service knows about a loaded model replica: its capabilities, window, dimensions,
+prompts and labels, and its own tokenizer (for counting, decoding and TEI's `/tokenize`)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from runners.settings import ModelSpec
+
+
+@dataclass(kw_only=True)
+class ModelCard:
+    spec: ModelSpec
+    # The runner: `encode_pre` tokenizes, `encode_core` runs the forward pass, `encode_post` splits
+    # the results per item (Infinity's replica protocol; runners.engine.scheduler drives it).
+    replica: Any
+    pairs: bool = False  # the replica reads (query, document) pairs
+    capabilities: frozenset[str]
+    rerank_via: str | None = None  # one of vocabulary's rerank modes
+    tokenizer: Any
+    max_tokens: int
+    dimensions: int | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    multi_label: bool = False
+    # Multi-output models (runners.models.multi_output): the outputs each item can ask for with a
+    # MultiInput (vocabulary.OUTPUTS); empty for the classic replicas.
+    outputs: tuple[str, ...] = ()
+    token_dimensions: int | None = None  # size of each token vector
+    tokens_normalized: bool = False  # token vectors are unit length (ColBERT, BGE-M3), or raw hidden states
+    query_aware: bool = False  # ColBERT: queries must be sent as MultiInput(..., query=True)
+    load_seconds: float = 0.0
+    _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def card_fields(self) -> dict[str, Any]:
+        """This card's fields, to build a subclass (the engine's LoadedModel) from it."""
+        return {f.name: getattr(self, f.name) for f in fields(ModelCard) if f.init}
+
+    @property
+    def name(self) -> str:
+        return self.spec.served_name
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def tokenize(self, texts: list[str], *, special: bool = True) -> list[list[int]]:
+        # Fast tokenizers are not safe to share between threads; this copy is ours alone.
+        with self._tokenizer_lock:
+            return self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+
+    def decode(self, ids: list[list[int]], skip_special: bool = True) -> list[str]:
+        with self._tokenizer_lock:
+            return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special)
+
+    def token_details(self, texts: list[str], special: bool = True) -> list[list[dict[str, Any]]]:
+        """Per token: id, text (the input's characters, or the token itself for special tokens),
+        special, start and stop (character offsets), as TEI's `/tokenize` answers."""
+        with self._tokenizer_lock:
+            enc = self.tokenizer(texts, add_special_tokens=special, truncation=False, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True)
+            pieces = [self.tokenizer.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+        out = []
+        for text, ids, offsets, mask, tokens in zip(texts, enc["input_ids"], enc["offset_mapping"],
+                                                    enc["special_tokens_mask"], pieces):
+            row = []
+            for tid, (start, stop), is_special, token in zip(ids, offsets, mask, tokens):
+                spans = bool(stop > start) and not is_special
+                row.append({"id": tid, "text": text[start:stop] if spans else token, "special": bool(is_special),
+                            "start": start if spans else None, "stop": stop if spans else None})
+            out.append(row)
+        return out

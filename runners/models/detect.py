@@ -1,0 +1,69 @@
+"""What kind a checkpoint is: the MODEL_KINDS setting when given, else the first rule of `RULES` that
+recognizes its config.json and files, else an embedding model. A new kind is one more rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from runners.models.checkpoint import model_file, st_modules
+from runners.models.qwen3 import is_qwen3_reranker
+from runners.settings import ModelSpec
+from runners.vocabulary import (
+    AUTO,
+    BGE_M3_KIND,
+    CLASSIFY_KIND,
+    COLBERT_KIND,
+    EMBED_KIND,
+    QWEN3_RERANKER_KIND,
+    RERANK_KIND,
+    SPLADE_KIND,
+)
+
+
+def qwen3_reranker(name_or_path: str, config: dict[str, Any]) -> str | None:
+    return QWEN3_RERANKER_KIND if is_qwen3_reranker(name_or_path, config) else None
+
+
+def multi_output(name_or_path: str, config: dict[str, Any]) -> str | None:
+    """bge-m3, colbert or sparse when the checkpoint has the heads or layout; None for any other model.
+
+    A `*ForMaskedLM` architecture alone is not enough when the folder is a sentence-transformers
+    model with an ordinary pooling: all-mpnet-base-v2 ships `MPNetForMaskedLM` and is a dense model.
+    (`tokens`, token vectors of a plain embedding model, is never detected: MODEL_KINDS opts in.)
+    """
+    if model_file(name_or_path, "sparse_linear.pt") or model_file(name_or_path, "colbert_linear.pt"):
+        return BGE_M3_KIND
+    archs = config.get("architectures") or []
+    if "HF_ColBERT" in archs:
+        return COLBERT_KIND
+    types = [m.get("type", "") for m in st_modules(name_or_path)]
+    if any(t.startswith("pylate.") for t in types):
+        return COLBERT_KIND
+    if any(t.endswith("SpladePooling") for t in types):
+        return SPLADE_KIND
+    if not types and any(a.endswith("ForMaskedLM") for a in archs):
+        return SPLADE_KIND
+    return None
+
+
+def sequence_classification(name_or_path: str, config: dict[str, Any]) -> str | None:
+    """A one-label sequence classifier is a cross-encoder (rerank); more labels, a classifier."""
+    archs = config.get("architectures") or []
+    if any("SequenceClassification" in a for a in archs):
+        return RERANK_KIND if len(config.get("id2label") or {"0": 0}) < 2 else CLASSIFY_KIND
+    return None
+
+
+RULES: tuple[Callable[[str, dict[str, Any]], str | None], ...] = (qwen3_reranker, multi_output, sequence_classification)
+
+
+def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:
+    """One of vocabulary.MODEL_KINDS: the setting if given, else from config.json and the folder's files."""
+    if spec.kind != AUTO:
+        return spec.kind
+    for rule in RULES:
+        kind = rule(spec.name_or_path, config)
+        if kind is not None:
+            return kind
+    return EMBED_KIND
