@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:
 from bench import hol  # noqa: E402
 from bench import wrk as wrk_tool  # noqa: E402
 from bench.forward import GOAL_GAP_MS, gap_report, raw_forward  # noqa: E402
-from load_tests.run_load_test import ServerProcess, executable, free_port  # noqa: E402
+from load_tests.processes import ServerProcess, process_env  # noqa: E402
 
 CORPUS_PATH = ROOT / "load_tests" / "corpus.txt"
 BENCH_DIR = Path(__file__).resolve().parent
@@ -329,7 +329,7 @@ class HttpTarget:
 
 def start_service(device: str, logs: Path) -> ServerProcess:
     env = {"DEVICE": device} if device != "cpu" else {}
-    return ServerProcess.bentoml(logs / "bench_service.log", env=env)
+    return ServerProcess.bentoml(logs / "bench_service.log", env=process_env(env))
 
 
 # BACKEND=optimum variants of the service (issue 8): measured beside the torch service, same load.
@@ -343,7 +343,7 @@ def start_service_variant(variant: str, device: str, logs: Path) -> ServerProces
     env = dict(BACKEND_VARIANTS[variant], ONNX_CACHE_DIR=str(logs / "onnx-cache"))
     if device != "cpu":
         env["DEVICE"] = device
-    return ServerProcess.bentoml(logs / f"bench_service_{variant}.log", env=env)
+    return ServerProcess.bentoml(logs / f"bench_service_{variant}.log", env=process_env(env))
 
 
 def infinity_server_missing() -> str | None:
@@ -355,20 +355,6 @@ def infinity_server_missing() -> str | None:
     if absent:
         return f"missing {', '.join(absent)} (pip install prometheus-fastapi-instrumentator orjson)"
     return None
-
-
-def start_infinity(path: str, device: str, logs: Path, log_name: str = "bench_infinity.log") -> ServerProcess:
-    port = free_port()
-    argv = [
-        executable("infinity_emb"), "v2", "--model-id", path, "--served-model-name", "bench-model",
-        "--port", str(port), "--host", "127.0.0.1", "--engine", "torch", "--device", device.split(":")[0],
-        "--batch-size", "32",
-    ]
-    # Boolean options go by environment: `--bettertransformer false` is a value to this environment's
-    # typer/click but an extra argument to newer ones (the GPU image's), which then refuse to start.
-    env = {"INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "INFINITY_BETTERTRANSFORMER": "false", "INFINITY_LENGTHS_VIA_TOKENIZE": "true"}
-    return ServerProcess(argv, f"http://127.0.0.1:{port}", logs / log_name, env, ready_path="/health")
 
 
 # ---- load from wrk (or, where wrk cannot run, the httpx closed loop) ----
@@ -491,17 +477,15 @@ def start_zero_cost(folder: Path, args: argparse.Namespace) -> dict[str, tuple[S
         env = {"MODEL_NAMES": str(folder), "SERVED_MODEL_NAMES": ZERO_COST_SERVED}
         if device != "cpu":
             env["DEVICE"] = device
-        add("service", ServerProcess.bentoml(logs / "bench_zero_cost_service.log", env=env), "/v1/embeddings",
+        add("service", ServerProcess.bentoml(logs / "bench_zero_cost_service.log", env=process_env(env)), "/v1/embeddings",
             ZERO_COST_SERVED)
     if not args.skip_infinity_server and not infinity_server_missing():
-        add("infinity_server", start_infinity(str(folder), device, logs, "bench_zero_cost_infinity.log"),
+        add("infinity_server", ServerProcess.infinity(str(folder), device, logs / "bench_zero_cost_infinity.log"),
             "/embeddings", "bench-model")
     if not args.skip_service:  # the bare routes need bentoml like the service does
         for name, traced in (("bare", "0"), ("bare_traced", "1")):
-            port = free_port()
-            argv = [executable("bentoml"), "serve", "bench.bare_service:BareService", "--port", str(port)]
-            server = ServerProcess(argv, f"http://127.0.0.1:{port}", logs / f"bench_zero_cost_{name}.log",
-                                   {"BARE_SERVICE_TRACING": traced})
+            server = ServerProcess.bentoml(logs / f"bench_zero_cost_{name}.log", target="bench.bare_service:BareService",
+                                           env=process_env({"BARE_SERVICE_TRACING": traced}))
             add(name, server, "/v1/embeddings", ZERO_COST_SERVED)
     return started
 
@@ -692,7 +676,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         print(f"infinity server skipped: {missing}", flush=True)
         skipped["infinity_server"] = missing
     elif want_infinity and not args.skip_infinity_server and not args.infinity_url:
-        servers["infinity_server"] = start_infinity(path, args.device, logs)
+        servers["infinity_server"] = ServerProcess.infinity(path, args.device, logs / "bench_infinity.log")
 
     targets: list[Any] = []
     raw: dict[str, dict[int, list[dict[str, Any]]]] = {}

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from load_tests.run_load_test import ServerProcess  # noqa: E402
+from load_tests.processes import ServerProcess  # noqa: E402
 
 SENTENCE = "A compass needle points north because it lines up with the Earth's magnetic field."
 MODEL_READY = re.compile(r"all \d+ model\(s\) ready in ([0-9.]+)s")
