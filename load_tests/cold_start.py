@@ -25,6 +25,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from load_tests.run_load_test import ServerProcess  # noqa: E402
+from load_tests.processes import ServerProcess  # noqa: E402
 
 SENTENCE = "A compass needle points north because it lines up with the Earth's magnetic field."
 MODEL_READY = re.compile(r"all \d+ model\(s\) ready in ([0-9.]+)s")
@@ -81,41 +82,38 @@ def first_answer(
     raise TimeoutError(f"no correct answer within {timeout:.0f}s (last: {last})")
 
 
+def first_correct(process: ServerProcess, vector: Callable[[httpx.Client], list[float] | None], client_timeout: float,
+                  reference: list[float], timeout: float, min_cosine: float) -> dict[str, Any]:
+    """ready_s, first_answer_s and cosine of a process just started: `vector(client)` asks it for SENTENCE's."""
+    ready = process.wait_ready(timeout)
+    with httpx.Client(base_url=process.url, timeout=client_timeout) as client:
+        answer, sim = first_answer(lambda: vector(client), reference, process.started, timeout, min_cosine)
+    return {"ready_s": round(ready, 3), "first_answer_s": round(answer, 3), "cosine": round(sim, 6)}
+
+
+def service_vector(client: httpx.Client) -> list[float] | None:
+    response = client.post("/v1/embeddings", json={"input": [SENTENCE]})
+    return response.json()["data"][0]["embedding"] if response.status_code == 200 else None
+
+
+def runpod_vector(client: httpx.Client) -> list[float] | None:
+    response = client.post("/runsync", json={"input": {"input": [SENTENCE]}})
+    body = response.json()
+    if response.status_code != 200 or body.get("status") != "COMPLETED":
+        return None
+    return body["output"]["data"][0]["embedding"]
+
+
 def run_service(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
-    server = ServerProcess.bentoml(logs / f"cold_start_service_{i}.log")
-    try:
-        ready = server.wait_ready(timeout)
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-
-            def post() -> list[float] | None:
-                response = client.post("/v1/embeddings", json={"input": [SENTENCE]})
-                return response.json()["data"][0]["embedding"] if response.status_code == 200 else None
-
-            answer, sim = first_answer(post, reference, server.started, timeout, min_cosine)
+    with ServerProcess.bentoml(logs / f"cold_start_service_{i}.log") as server:
+        row = first_correct(server, service_vector, 60, reference, timeout, min_cosine)
         match = MODEL_READY.search(server.log_tail(200_000))
-        return {"ready_s": round(ready, 3), "first_answer_s": round(answer, 3), "cosine": round(sim, 6),
-                "model_load_in_worker_s": float(match.group(1)) if match else None}
-    finally:
-        server.stop()
+    return row | {"model_load_in_worker_s": float(match.group(1)) if match else None}
 
 
 def run_runpod(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
-    worker = ServerProcess.runpod_worker(logs / f"cold_start_runpod_{i}.log")
-    try:
-        ready = worker.wait_ready(timeout)
-        with httpx.Client(base_url=worker.url, timeout=120) as client:
-
-            def post() -> list[float] | None:
-                response = client.post("/runsync", json={"input": {"input": [SENTENCE]}})
-                body = response.json()
-                if response.status_code != 200 or body.get("status") != "COMPLETED":
-                    return None
-                return body["output"]["data"][0]["embedding"]
-
-            answer, sim = first_answer(post, reference, worker.started, timeout, min_cosine)
-        return {"ready_s": round(ready, 3), "first_answer_s": round(answer, 3), "cosine": round(sim, 6)}
-    finally:
-        worker.stop()
+    with ServerProcess.runpod_worker(logs / f"cold_start_runpod_{i}.log") as worker:
+        return first_correct(worker, runpod_vector, 120, reference, timeout, min_cosine)
 
 
 def spread(values: list[float]) -> dict[str, Any]:

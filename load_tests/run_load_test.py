@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,106 +23,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from load_tests.processes import ROOT, ServerProcess, executable, process_env
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    env.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
-    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    env.update(extra or {})
-    return env
-
-
-def executable(name: str) -> str:
-    """A console script of this interpreter's environment (bentoml, locust, infinity_emb), else on PATH."""
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{path} is missing: install the project's packages (`make install-test`)")
-    return found
-
-
-class ServerProcess:
-    """A server started as its own process group, polled until ready, stopped with the whole group."""
-
-    def __init__(self, argv: list[str], url: str, log_path: Path, env: dict[str, str] | None = None,
-                 ready_path: str = "/readyz") -> None:
-        self.argv, self.url, self.log_path, self.ready_path = argv, url, log_path, ready_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "wb")
-        self.started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env=process_env(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    @classmethod
-    def bentoml(cls, log_path: Path, port: int | None = None, env: dict[str, str] | None = None) -> ServerProcess:
-        port = port or free_port()
-        argv = [executable("bentoml"), "serve", "service:EmbeddingService", "--port", str(port)]
-        return cls(argv, f"http://127.0.0.1:{port}", log_path, env)
-
-    @classmethod
-    def runpod_worker(cls, log_path: Path, port: int | None = None) -> ServerProcess:
-        if not (ROOT / "runpod_adapter").is_dir():
-            raise SystemExit("runpod_adapter/ is not in this checkout: the RunPod worker cannot be started")
-        port = port or free_port()
-        argv = [sys.executable, "-m", "runpod_adapter", "--rp_serve_api", "--rp_api_port", str(port),
-                "--rp_api_host", "127.0.0.1"]
-        return cls(argv, f"http://127.0.0.1:{port}", log_path, ready_path="")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def wait_ready(self, timeout: float = 180.0, interval: float = 0.05) -> float:
-        """Seconds from the start of the process until `ready_path` answers 200 (any answer if '')."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if not self.alive():
-                    raise RuntimeError(f"{self.argv[0]} exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    response = client.get(self.url + (self.ready_path or "/"))
-                    if response.status_code == 200 or (not self.ready_path and response.status_code < 500):
-                        return time.perf_counter() - self.started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(interval)
-        raise TimeoutError(f"{self.url}{self.ready_path} not ready after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def stop(self, grace: float = 20.0) -> None:
-        if self.alive():
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        self._log.close()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.stop()
 
 
 def wait_runpod_job(url: str, timeout: float = 180.0) -> float:

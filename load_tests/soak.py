@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from load_tests.run_load_test import ServerProcess  # noqa: E402
+from load_tests.processes import ServerProcess  # noqa: E402
 from runners.allocator import mapped  # noqa: E402
 
 CORPUS = Path(__file__).with_name("corpus.txt")

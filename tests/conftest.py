@@ -2,89 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
+from load_tests.processes import ServerProcess, executable, hermetic_env
+
+BENTOML = executable("bentoml")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import checkpoints  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAMES", "API_KEY", "SERVED_MODEL_NAMES")}
-    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"})
-    env.update(extra)
-    return env
-
-
-class Server:
-    """`bentoml serve TARGET` (the project's service by default) in its own process group."""
-
-    def __init__(self, extra_env: dict[str, str], log_path: Path, target: str = "service:EmbeddingService",
-                 cwd: Path = ROOT, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [BENTOML, "serve", target, "--port", str(self.port)],
-            cwd=cwd, env=env if env is not None else server_env(extra_env), stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        # SIGTERM first: BentoML's workers run in process groups of their own, so only the arbiter
-        # can stop them; a SIGKILL to it would leave them running.
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    servers: list[Server] = []
+    servers: list[ServerProcess] = []
 
-    def start(extra_env: dict[str, str] | None = None, wait: bool = True) -> Server:
-        server = Server(extra_env or {}, tmp_path_factory.mktemp("server") / "server.log")
+    def start(extra_env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
+        server = ServerProcess.bentoml(tmp_path_factory.mktemp("server") / "server.log", env=hermetic_env(extra_env))
         servers.append(server)
         if wait:
             server.wait_ready()
@@ -96,7 +33,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
 
 
 @pytest.fixture(scope="session")
-def default_server(start_server) -> Server:
+def default_server(start_server) -> ServerProcess:
     """The embedded default: MODEL_NAMES unset."""
     return start_server()
 
@@ -122,7 +59,7 @@ def default_model_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def models_server(start_server, tiny_models: dict[str, Path], default_model_path: str) -> Server:
+def models_server(start_server, tiny_models: dict[str, Path], default_model_path: str) -> ServerProcess:
     """Six models in one process: routing by name and by capability."""
     order = ["cross-encoder", "classifier", "qwen3-reranker", "qwen3-reranker-seq-cls", "qwen3-embedding"]
     names = ";".join([default_model_path] + [str(tiny_models[k]) for k in order])

@@ -186,7 +186,8 @@ def test_percentile_matches_numpy() -> None:
 
 
 def test_zero_cost_summary_ratios_and_goals() -> None:
-    from bench.run import summarize_points, zero_cost_ratios
+    from bench.load import summarize_points
+    from bench.zero_cost import zero_cost_ratios
 
     def point(rps: float, p50: float, errors: int = 0) -> dict:
         return {"requests_per_s": rps, "p50_ms": p50, "p99_ms": 2 * p50, "requests": 100, "errors": errors}

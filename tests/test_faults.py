@@ -14,7 +14,8 @@ import time
 import checkpoints
 import httpx
 import pytest
-from conftest import Server
+
+from load_tests.processes import ServerProcess, hermetic_env
 
 OOM_LIMIT = 300  # padded tokens per batch above which the faulty model raises torch.OutOfMemoryError
 LONG_TEXT = " ".join(["cat"] * 400)  # 402 tokens: cannot fit even alone
@@ -27,7 +28,7 @@ def faulty_folder(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def faulty_server(start_server, faulty_folder) -> Server:
+def faulty_server(start_server, faulty_folder) -> ServerProcess:
     return start_server({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty", "BATCH_SIZES": "32"})
 
 
@@ -95,8 +96,8 @@ def test_a_loop_that_dies_is_restarted(faulty_server):
 
 
 def test_a_stalled_model_makes_health_fail_and_the_server_exit(tmp_path, faulty_folder):
-    server = Server({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty", "MODEL_STALL_TIMEOUT": "2"},
-                    tmp_path / "server.log")
+    server = ServerProcess.bentoml(tmp_path / "server.log", env=hermetic_env(
+        {"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty", "MODEL_STALL_TIMEOUT": "2"}))
     try:
         server.wait_ready()
         with cf.ThreadPoolExecutor(2) as pool:

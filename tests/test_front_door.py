@@ -1,4 +1,4 @@
-"""FrontDoor's fast path (runners/http.py): a well-formed request to a model route is answered by the
+"""FrontDoor's fast path (runners/api/front_door.py): a well-formed request to a model route is answered by the
 route's own function without the framework's layers; everything else goes down the normal stack with
 the body intact, so both give the same answers.
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import httpx
 import psutil
 import pytest
-from conftest import BENTOML, ROOT, Server, free_port, server_env
+from conftest import BENTOML
 
+from load_tests.processes import ROOT, ServerProcess, free_port, hermetic_env
 from runners.lifecycle import ARBITER_PID_ENV, EXIT_CANNOT_SERVE, install_in_arbiter, stop_server
 from runners.settings import SettingsError, load_settings
 
@@ -126,7 +127,7 @@ def serve_to_exit(extra: dict[str, str], as_pid_1: bool = False, timeout: float 
         # --kill-child takes the namespace down if the test has to kill unshare.
         cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", *cmd]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env({**extra, RUN_MARKER: run_id}), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=hermetic_env({**extra, RUN_MARKER: run_id}), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     stop_line_at: list[float] = []
@@ -199,7 +200,7 @@ def test_model_that_fails_to_load_stops_the_server(tmp_path, tiny_models, mode):
 
 
 def test_sigterm_under_load_drains_and_exits(tmp_path):
-    server = Server({}, tmp_path / "server.log")
+    server = ServerProcess.bentoml(tmp_path / "server.log", env=hermetic_env())
     try:
         server.wait_ready()
         texts = [f"sentence number {i} about load and shutdown" for i in range(64)]
@@ -231,7 +232,7 @@ def test_the_service_sets_libgomps_spin_count_unless_the_environment_does(given,
     """README, Performance (Threads and OpenMP): set before torch loads, in every process that imports service."""
     import sys
 
-    env = server_env({})
+    env = hermetic_env({})
     env.pop("GOMP_SPINCOUNT", None)
     if given is not None:
         env["GOMP_SPINCOUNT"] = given

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BENTOML, ROOT, free_port, server_env
+from conftest import BENTOML
 
+from load_tests.processes import ROOT, free_port, hermetic_env
 from load_tests.soak import TextSource, soak
 from runners import allocator
 from runners.allocator import Allocator, activate, choose, is_mapped, mapped, preload
@@ -137,7 +138,7 @@ def test_runpod_worker_reexecutes_itself_once_with_the_allocator():
 
 def test_bad_allocator_stops_bentoml_serve_with_one_line():
     proc = subprocess.run([BENTOML, "serve", "service:EmbeddingService", "--port", str(free_port())], cwd=ROOT,
-                          env=server_env({"ALLOCATOR": "tcmalloc"}), capture_output=True, text=True, timeout=90)
+                          env=hermetic_env({"ALLOCATOR": "tcmalloc"}), capture_output=True, text=True, timeout=90)
     assert proc.returncode != 0
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert last == "configuration error: ALLOCATOR has 'tcmalloc', which is not one of: auto, jemalloc, mimalloc, system"

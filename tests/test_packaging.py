@@ -12,7 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import BENTOML, ROOT, Server, server_env
+from conftest import BENTOML
+
+from load_tests.processes import ROOT, ServerProcess, hermetic_env
 
 PYTHON = sys.executable
 
@@ -27,7 +29,7 @@ def test_bentofile_pins_equal_pyproject():
 @pytest.fixture(scope="module")
 def built_bento(tmp_path_factory, default_model_path, tiny_models) -> dict[str, str]:
     home = tmp_path_factory.mktemp("bentoml-home")
-    env = server_env({"BENTOML_HOME": str(home)})
+    env = hermetic_env({"BENTOML_HOME": str(home)})
     # Stand-ins for the two Qwen3 models the bentofile bakes: same store names, local folders.
     for source, name, served in [(default_model_path, "qwen3-embedding-0.6b", "sentence-transformers/all-MiniLM-L6-v2"),
                                  (str(tiny_models["qwen3-reranker"]), "qwen3-reranker-0.6b", "Qwen/Qwen3-Reranker-0.6B")]:
@@ -65,7 +67,7 @@ def test_bento_carries_every_source_module(built_bento):
 
 def test_bento_export_carries_the_models(built_bento, tmp_path):
     target = tmp_path / "bento.tar"
-    env = server_env({"BENTOML_HOME": built_bento["home"]})
+    env = hermetic_env({"BENTOML_HOME": built_bento["home"]})
     subprocess.run([BENTOML, "export", built_bento["tag"], str(target)], env=env, check=True, capture_output=True)
     names = tarfile.open(target).getnames()
     assert any(n.lstrip("./").startswith("models/qwen3-reranker-0.6b/") and n.endswith("model.safetensors") for n in names)
@@ -75,9 +77,9 @@ def test_bento_export_carries_the_models(built_bento, tmp_path):
 def test_built_bento_serves_from_its_baked_models(built_bento, tmp_path):
     bento = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     image_env = {e["name"]: e["value"] for e in bento["envs"]}
-    env = server_env({"BENTOML_HOME": built_bento["home"], **image_env})
+    env = hermetic_env({"BENTOML_HOME": built_bento["home"], **image_env})
     env.pop("PYTHONPATH")  # the Bento must carry its own code
-    server = Server({}, tmp_path / "bento.log", target=built_bento["tag"], cwd=tmp_path, env=env)
+    server = ServerProcess.bentoml(tmp_path / "bento.log", target=built_bento["tag"], env=env, cwd=tmp_path)
     url = server.url
     try:
         server.wait_ready(120)
@@ -133,5 +135,6 @@ def test_runpod_dockerfile_copies_everything_pip_install_needs():
     for line in dockerfile.splitlines():
         if line.startswith("COPY") and "--from" not in line:
             copied.update(part.rstrip("/") for part in line.split()[1:-1])
-    needed = {package.split(".")[0] for package in setuptools["packages"]} | {f"{m}.py" for m in setuptools["py-modules"]} | {"README.md"}
+    needed = {package.split(".")[0] for package in setuptools["packages"]}  # sub-packages come with their folder
+    needed |= {f"{m}.py" for m in setuptools["py-modules"]} | {"README.md"}
     assert needed <= copied, needed - copied

@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,9 +23,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from load_tests.processes import ROOT, ServerProcess, hermetic_env
+
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 MODEL = "all-MiniLM-L6-v2"
 DOCS = [
@@ -39,75 +38,34 @@ QUERY = "Which product has warranty coverage?"
 
 
 def worker_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    drop = ("MODEL_NAMES", "SERVED_MODEL_NAMES", "API_KEY", "HF_HOME", "RUN_AS_USER", "RUNPOD_OPENAI_OUTPUT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RUNPOD_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        HF_HUB_OFFLINE="1",
-        BENTOML_DO_NOT_TRACK="true",
-        # a host's real /runpod-volume or /models must not leak into the tests
-        RUNPOD_VOLUME_PATH=str(tmp / "no-volume"),
-        BAKED_MODELS_DIR=str(tmp / "no-baked-models"),
-    )
-    env.update(extra or {})
-    return env
+    # a host's real /runpod-volume or /models must not leak into the tests
+    return hermetic_env({"RUNPOD_VOLUME_PATH": str(tmp / "no-volume"), "BAKED_MODELS_DIR": str(tmp / "no-baked-models"),
+                         **(extra or {})}, drop=("HF_HOME", "RUN_AS_USER"), drop_prefixes=("RUNPOD_",))
 
 
 class Worker:
-    """`python -m runpod_adapter --rp_serve_api` in its own process group."""
+    """The worker's local API server (`python -m runpod_adapter --rp_serve_api`) and a client of its /runsync."""
 
-    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / "worker.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "runpod_adapter", "--rp_serve_api", "--rp_api_port", str(self.port),
-             "--rp_api_host", "127.0.0.1"],
-            cwd=ROOT, env=worker_env(tmp, extra_env), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def __init__(self, tmp: Path) -> None:
+        self.process = ServerProcess.runpod_worker(tmp / "worker.log", env=worker_env(tmp), python=PYTHON)
+        self.url = self.process.url
         self.client = httpx.Client(base_url=self.url, timeout=120)
-
-    def wait_up(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"worker not up after {timeout}s:\n{self.log()[-3000:]}")
 
     def runsync(self, job_input: Any) -> dict[str, Any]:
         response = self.client.post("/runsync", json={"input": job_input})
         assert response.status_code == 200, response.text
         return response.json()
 
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        self.process.stop(15)
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     w = Worker(tmp_path_factory.mktemp("runpod"))
     try:
-        w.wait_up()
+        w.process.wait_ready(60)
         yield w
     finally:
         w.stop()
