@@ -164,6 +164,16 @@ def tables(result: dict[str, Any]) -> str:
                        f"{fmt(s.get('query_worst_ms'), 0)} | {fmt(s.get('queries_during_bulk'), 0)} | "
                        f"{fmt(s.get('bulk_alone_s'), 2)} | {fmt(s.get('bulk_with_queries_s'), 2)} | "
                        f"{'–' if slowdown is None else f'{100 * slowdown:+.1f} %'} |")
+    mixed = result.get("mixed", {})
+    if mixed.get("texts_per_s"):
+        from bench.mixed import table as mixed_table
+
+        out += ["", f"Mixed lengths: {mixed['request']}; {mixed['bulk']}", "", mixed_table(mixed)]
+    mixed = result.get("mixed", {})
+    if mixed.get("texts_per_s"):
+        from bench.mixed import table as mixed_table
+
+        out += ["", f"Mixed lengths: {mixed['request']}; {mixed['bulk']}", "", mixed_table(mixed)]
     fwd = result.get("forward", {})
     if fwd.get("raw"):
         raw = fwd["raw"]
@@ -186,4 +196,6 @@ def count_errors(result: dict[str, Any]) -> int:
     errors += sum(v for k, v in one_client.items() if k.endswith("_errors"))
     errors += sum("error" in t for t in result.get("hol", {}).get("targets", {}).values())
     errors += len(result.get("zero_cost", {}).get("failed", {}))
+    errors += sum(v for s in result.get("mixed", {}).get("texts_per_s", {}).values() for k, v in s.items()
+                  if k.endswith("_errors"))
     return errors

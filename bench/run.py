@@ -24,12 +24,14 @@ the ratios are taken between medians of the same run. Each point also records th
 text by the server's process tree (for the engine: this process) and by the client (this process),
 which shows where the CPU goes when the client shares the machine with the server.
 
-Then three parts about the batch scheduler (issue 12), each skippable:
+Then parts about the batch scheduler (issues 12 and 19), each skippable:
 - forward (--skip-forward): the raw forward pass of one short text in this process (bench/forward.py),
                    against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's);
 - hol (--skip-hol): one client sends one 600-text request of ~150-word texts while another sends one-text
                    queries: their worst and median latency during it, against idle, and the bulk
                    request's duration with and without them (bench/hol.py);
+- mixed (--skip-mixed): mixed-length traffic (a long and a short text a request, wrk) and a bulk request,
+                   against sentence-transformers in this process and infinity's server (bench/mixed.py);
 - zero_cost (--skip-zero-cost): a 1-layer, 32-wide model (bench/gpu_model.py) served by the service,
                    by `infinity_emb v2` and by a bare BentoML route that returns a fixed vector
                    (bench/bare_service.py, with and without OpenTelemetry), loaded by Debian's wrk
@@ -64,6 +66,9 @@ from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, se
 from bench.forward import gap_report, raw_forward  # noqa: E402
 from bench.latency import hol_part, one_client_p50  # noqa: E402
 from bench.load import LoadClient, LoadTarget, resolve_load_client, summarize_points  # noqa: E402
+from bench.mixed import SYSTEMS as MIXED_SYSTEMS  # noqa: E402
+from bench.mixed import add_arguments as add_mixed_arguments  # noqa: E402
+from bench.mixed import mixed_part  # noqa: E402
 from bench.report import count_errors, plot, tables  # noqa: E402
 from bench.sweep import sweep_report, sweep_rounds, wrk_sweep  # noqa: E402
 from bench.systems import (  # noqa: E402
@@ -240,6 +245,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         for name, goal in result["hol"].get("goals", {}).items():
             goals |= {f"hol {name}: {k}": v for k, v in goal.items()}
 
+    if not args.skip_mixed and not interrupted and load_client is not None and load_client.kind == "wrk":
+        print("mixed-length traffic …", flush=True)
+        try:
+            result["mixed"] = await mixed_part(args, load_client.wrk)
+            goals |= {f"mixed: {k}": v for k, v in result["mixed"]["goals"].items()}
+        except asyncio.CancelledError:
+            interrupted.append("mixed")
+    elif not args.skip_mixed:
+        result["mixed"] = {"skipped": "interrupted before it started" if interrupted else skipped.get("wrk", "no wrk")}
+
     if not args.skip_zero_cost and interrupted:
         result["zero_cost"] = {"skipped": f"interrupted (SIGINT) during {interrupted[0]}, before it started"}
     elif not args.skip_zero_cost and load_client is not None:
@@ -311,6 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="bulk alone + bulk with queries, times, alternating which goes first (default 2 CPU, 3 GPU)")
     parts.add_argument("--forward-runs", type=int, default=None, help="raw forward passes (default 200 CPU, 500 GPU)")
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
+    add_mixed_arguments(parser)
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.png")
     parser.add_argument("--logs", type=Path, default=ROOT / "reports", help="folder for the servers' logs")
     args = parser.parse_args(argv)
@@ -334,7 +350,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [t for t in args.hol_targets if t not in ("service", "infinity_server")]
         if unknown:
             parser.error(f"unknown --hol-targets {unknown}: choose from service, infinity_server")
+    args.mixed_targets = [t.strip() for t in args.mixed_targets.split(",") if t.strip()]
+    unknown = [t for t in args.mixed_targets if t not in MIXED_SYSTEMS]
+    if unknown:
+        parser.error(f"unknown --mixed-targets {unknown}: choose from {', '.join(MIXED_SYSTEMS)}")
+    if gpu:  # the CPU backends are not GPU rows
+        args.mixed_targets = [t for t in args.mixed_targets if t in ("service", "infinity_server")]
     if args.quick:
+        args.skip_mixed = True
         args.concurrency, args.rounds, args.seconds = [1], 1, 1.5
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3

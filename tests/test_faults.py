@@ -147,11 +147,14 @@ def _run_all(scheduler, requests: list[list[str]]) -> list:
 
 
 def test_oom_in_a_batch_of_32_answers_31(faulty_model):
+    from runners.engine.batching import CostModel
     from runners.engine.scheduler import ModelScheduler
     from runners.errors import OutOfMemory
 
+    # A cost model with only a fixed cost per pass: one batch of all 32 (the packing policy would
+    # keep the long text apart), so the split in halves is what this test sees.
     scheduler = ModelScheduler(faulty_model.scheduler.replica, name="oom", max_batch_size=32, max_batch_tokens=1 << 20,
-                               probe=["a", "a b c d e f"])
+                               probe=["a", "a b c d e f"], cost=CostModel(fixed=1.0, per_token=0.0))
     texts = [[f"the dog sat {i}"] for i in range(31)]
     texts.insert(7, [LONG_TEXT])
     results = _run_all(scheduler, texts)

@@ -1,4 +1,5 @@
-"""BACKEND=optimum: offline ONNX export of a local folder, cached; fp32 and int8 against torch."""
+"""BACKEND=optimum: offline ONNX export of a local folder, cached; fp32 and int8 against torch. BACKEND=ctranslate2:
+the same vectors as torch."""
 
 from __future__ import annotations
 
@@ -74,3 +75,9 @@ def test_optimum_backend_serves_over_http(start_server, cache):
     (model,) = httpx.get(server.url + "/v1/models").json()["data"]
     assert model["backend"] == "optimum"
     assert os.path.exists(next(cache.glob("*/model_int8.onnx")))  # auto picks int8 on a CPU
+
+
+def test_ctranslate2_backend_gives_the_torch_vectors(torch_vectors):
+    """Installed by `make install` (the seed names it); Infinity's CTranslate2 replica under our scheduler."""
+    vectors = embed_all({"BACKEND": "ctranslate2"}, CORPUS + QUERIES + DOCS)
+    assert (vectors * torch_vectors).sum(1).min() >= 0.9999

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runners import metrics
+from runners.engine.calibration import CostSamples, calibrate
 from runners.engine.devices import default_batch_tokens, process_torch_threads, single_thread_tokens, torch_on_cpu
 from runners.engine.health import HEALTH
 from runners.engine.scheduler import ModelScheduler
@@ -95,6 +96,9 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         single_thread_tokens=single_thread_tokens(replica, settings),
         cpu_threads=process_torch_threads() if torch_on_cpu(replica, settings) else 0,
     )
+    scheduler.cost, timed = calibrate(replica, scheduler.codec, probe, card.max_tokens, scheduler.budget.limit,
+                                      spec.served_name)
+    scheduler.timings = CostSamples(timed)
     return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
 

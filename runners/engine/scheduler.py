@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from runners import metrics
-from runners.engine.batching import Item, QueuedRequest, padded_tokens, priority_of, take_batch
+from runners.engine.batching import DEFAULT_COST, CostModel, Item, QueuedRequest, padded_tokens, priority_of, take_batch
+from runners.engine.calibration import CostSamples
 from runners.engine.codec import FeatureCodec
 from runners.engine.devices import process_torch_threads
 from runners.engine.memory import TokenBudget, free_device_memory, is_out_of_memory
@@ -54,8 +55,14 @@ class ModelScheduler(TokenizerStage):
 
     def __init__(self, replica: Any, *, name: str, max_batch_size: int, max_batch_tokens: int,
                  probe: Sequence[Any], restarts_allowed: int = 3, restart_window_s: float = 60.0,
-                 single_thread_tokens: int = 0, cpu_threads: int = 0) -> None:
+                 single_thread_tokens: int = 0, cpu_threads: int = 0, cost: CostModel = DEFAULT_COST) -> None:
         self.replica = replica
+        self.probe = probe
+        # What a forward pass costs by its shape (runners.engine.calibration fits it at load): the
+        # batching policy cuts the ready items into the batches that finish them soonest, and every
+        # batch's time refits it (runners.engine.calibration).
+        self.cost = cost
+        self.timings = CostSamples()
         # CPU torch models: batches of at most this many padded tokens run on one intra-op thread
         # (runners.engine.devices.single_thread_tokens says why and how much); 0: never.
         self.single_thread_tokens = single_thread_tokens
@@ -80,6 +87,7 @@ class ModelScheduler(TokenizerStage):
         self._tokenizer_busy = False
         self._tokenizer_lock = threading.Lock()  # one encode_pre at a time: HF tokenizers are not thread-safe
         self._bulk_turn = False
+        self._tick = 0  # batches formed so far (the policy's fairness clock)
         self._seq = itertools.count()
         self._stopping = False
         self._busy_since: float | None = None
@@ -207,7 +215,9 @@ class ModelScheduler(TokenizerStage):
                 live.append(request)
             else:
                 request.active = False
-        batch, self._bulk_turn = take_batch(live, self.max_batch_size, self.budget.current, self._bulk_turn)
+        self._tick += 1
+        batch, self._bulk_turn = take_batch(live, self.max_batch_size, self.budget.current, self._bulk_turn,
+                                            self.cost, self._tick)
         self._pending -= len(batch)
         self._pending_tokens -= sum(item.length for item in batch)
         self._active = [r for r in live if r.ready]
@@ -277,11 +287,15 @@ class ModelScheduler(TokenizerStage):
         if not batch:
             return
         padded = padded_tokens(batch)
+        started = time.perf_counter()
         try:
             results = self._forward(batch)
         except Exception as exc:  # noqa: BLE001 - any failure of the model is contained to this batch
             self._recover(batch, padded, exc)
             return
+        refit = self.timings.add(len(batch), padded // len(batch), time.perf_counter() - started)
+        if refit is not None:
+            self.cost = refit
         self.counters["batches"] += 1
         self._batch_histogram.observe(len(batch))
         self._tokens_histogram.observe(padded)
