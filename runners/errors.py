@@ -38,7 +38,9 @@ class ServiceError(Exception):
             error_type = "Unhealthy"
         elif status < 500:
             error_type = "Validation"
-            status = 422 if status == 400 else status
+            # TEI's one model is never "not found": a request it cannot serve is its 422 (its OpenAPI
+            # document lists no 404 on any route).
+            status = 422 if status == 400 or self.code == ModelNotFound.code else status
         else:
             error_type = "Backend"
             status = 424 if status in (500, 507) else status

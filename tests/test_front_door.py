@@ -147,6 +147,50 @@ def test_a_body_in_chunks_is_joined():
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"]) == {"echo": "ab"} and inner.bodies == []
 
 
+def test_a_malformed_multipart_body_is_a_400_and_a_form_reaches_the_route():
+    # BentoML's native routes read a multipart body as a form and answered a 500 when it was not one.
+    inner = InnerApp()
+    for content_type in ("multipart/form-data", "multipart/form-data; boundary=xyz"):
+        response = post(door(inner), "/other", b'{"input": "ab"}', content_type)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_multipart"
+        tei = post(door(inner), "/tei/other", b'{"input": "ab"}', content_type)
+        assert tei.status_code == 422 and tei.json()["error_type"] == "Validation"
+    assert inner.bodies == []
+    form = b'--xyz\r\nContent-Disposition: form-data; name="input"\r\n\r\nab\r\n--xyz--\r\n'
+    response = post(door(inner), "/other", form, "multipart/form-data; boundary=xyz")
+    assert response.status_code == 200 and inner.bodies == [form]
+
+
+class MethodNotAllowed(InnerApp):
+    """Answers as Starlette does for a method a route does not take: plain text, with `Allow`."""
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 405,
+                    "headers": [(b"content-type", b"text/plain"), (b"allow", b"POST")]})
+        await send({"type": "http.response.body", "body": b"Method Not Allowed"})
+
+
+def test_a_405_keeps_its_allow_header_in_the_envelope():
+    for path in ("/other", "/tei/other"):
+        response = post(door(MethodNotAllowed()), path, b"", None, "TRACE")
+        assert response.status_code == 405 and response.headers["allow"] == "POST"
+        body = response.json()
+        assert body["error"]["code"] == "method_not_allowed" if path == "/other" else body["error_type"] == "Validation"
+
+
+def test_teis_openai_route_answers_errors_in_its_own_shape():
+    app = FrontDoor(InnerApp(), api_keys=(), metrics_public=True, max_body_bytes=1000,
+                    fast_routes={"/tei/v1/embeddings": Route("POST", "/tei/v1/embeddings", handle, Body)})
+    response = post(app, "/tei/v1/embeddings", b'{"input": "refuse"}')
+    assert response.status_code == 422
+    assert response.json() == {"message": "refused: send another input", "code": 422, "type": "Validation",
+                               "error_type": "Validation"}
+    assert int(response.headers["content-length"]) == len(response.content)
+    too_large = post(app, "/tei/v1/embeddings", b'{"input": "' + b"x" * 2000 + b'"}')
+    assert too_large.status_code == 413 and too_large.json()["code"] == 413 and "message" in too_large.json()
+    assert post(app, "/tei/v1/embeddings", b'{"input": "ab"}').json() == {"echo": "ab"}
+
+
 # ---- the real routes: fast path and framework path answer alike ----
 
 BODIES = [
@@ -161,8 +205,10 @@ BODIES = [
     ("/classify", {"model": "classifier", "input": ["good", "bad"]}),
     ("/tei/embed", {"model": "minilm", "inputs": ["hello world"]}),
     ("/tei/rerank", {"model": "cross-encoder", "query": "paris", "texts": ["cats", "Paris"], "return_text": True}),
+    ("/tei/v1/embeddings", {"model": "minilm", "input": ["hello world", "cats"], "dimensions": 64}),
     # refused by the service (not by the schema): the same error both ways
     ("/v1/embeddings", {"model": "no-such-model", "input": "hello"}),
+    ("/tei/v1/embeddings", {"model": "no-such-model", "input": "hello"}),
     ("/tei/embed", {"model": "cross-encoder", "inputs": "hello"}),
 ]
 

@@ -10,13 +10,25 @@ from typing import Any, Protocol
 
 import orjson
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runners.api.logs import access_log, new_request_id
-from runners.api.openapi import HEALTH_PATHS, openapi_with_envelopes
-from runners.api.responses import answer, envelope_for, is_tei, send_error, unauthorized
+from runners.api.openapi import openapi_with_envelopes
+from runners.api.responses import (
+    HEALTH_PATHS,
+    METRICS_PATHS,
+    TEI_OPENAI_EMBEDDINGS,
+    answer,
+    envelope_for,
+    is_tei,
+    send_error,
+    unauthorized,
+)
 from runners.engine.health import HEALTH
-from runners.errors import PayloadTooLarge
+from runners.errors import BadRequest, PayloadTooLarge
 from runners.vocabulary import TEI_PREFIX
 
 
@@ -34,6 +46,60 @@ class FastRoute(Protocol):
 def _json_content(headers: dict[bytes, bytes]) -> bool:
     kind = headers.get(b"content-type")
     return kind is not None and kind.partition(b";")[0].strip().lower() == b"application/json"
+
+
+def _multipart_content(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-type", b"").partition(b";")[0].strip().lower() == b"multipart/form-data"
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` that gives `body` once, then what the client sends next (a disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def _tei_openai_errors(send: Send) -> Send:
+    """`send` for TEI's OpenAI-compatible route (`/tei/v1/embeddings`): TEI answers errors there as
+    `{"message", "code", "type"}` (`code` the status, `type` TEI's error type) and its OpenAPI document
+    names the type `error_type`; TEI's error body `{"error", "error_type"}`, which the routes and
+    FrontDoor answer under /tei, becomes that, with both names."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        headers = start.get("headers", [])
+        if isinstance(data, dict) and isinstance(data.get("error"), str) and "error_type" in data:
+            body = json.dumps({"message": data["error"], "code": start["status"], "type": data["error_type"],
+                               "error_type": data["error_type"]}).encode()
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 class FrontDoor:
@@ -86,13 +152,15 @@ class FrontDoor:
             await self._health(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if path == "/metrics":
+        if path in METRICS_PATHS:
             if self.metrics_public or self._authorized(headers):
                 await self.app(scope, receive, send)
             else:
                 await send_error(send, unauthorized())
             return
         tei = is_tei(path)
+        if path == TEI_OPENAI_EMBEDDINGS:
+            send = _tei_openai_errors(send)
         if path == TEI_PREFIX:
             # TEI's root route: `InferenceClient(base_url=".../tei")` posts to the prefix itself, which
             # the mounted app sees as "/" (without this, Starlette would answer a redirect).
@@ -116,6 +184,9 @@ class FrontDoor:
                 return
             if path == "/docs.json":
                 status = await self._openapi(scope, receive, send, id_header)
+                return
+            if _multipart_content(headers):
+                status = await self._multipart(scope, receive, send, id_header, tei)
                 return
             route = self.fast_routes.get(path)
             if route is not None and scope["method"] == "POST" and _json_content(headers):
@@ -163,7 +234,9 @@ class FrontDoor:
                 await send(error_start)
                 await send({"type": "http.response.body", "body": body})
                 return
-            await send_error(send, envelope_for(status, body), [id_header], tei)
+            # The framework's `Allow` on a 405 stays (RFC 9110 requires it); its other headers describe its body.
+            allow = [(k, v) for k, v in error_start.get("headers", []) if k.lower() == b"allow"]
+            await send_error(send, envelope_for(status, body), [*allow, id_header], tei)
 
         try:
             await self.app(scope, self._limited(receive), wrapped_send)
@@ -192,38 +265,57 @@ class FrontDoor:
         ), [id_header], tei)
         return 413
 
-    async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
-                    id_header: tuple[bytes, bytes], tei: bool) -> int:
+    async def _body(self, receive: Receive) -> bytes | None:
+        """The whole body, within MAX_BODY_BYTES (raises _BodyTooLarge); None when the client went away."""
         chunks: list[bytes] = []
         limited = self._limited(receive)
+        while True:
+            message = await limited()
+            if message["type"] != "http.request":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
+                    id_header: tuple[bytes, bytes], tei: bool) -> int:
         try:
-            while True:
-                message = await limited()
-                if message["type"] != "http.request":  # the client went away
-                    return 499
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    break
+            body = await self._body(receive)
         except _BodyTooLarge:
             return await self._too_large(send, id_header, tei)
-        body = b"".join(chunks)
+        if body is None:
+            return 499
         try:
             request = route.schema.model_validate(orjson.loads(body))
         except Exception:  # noqa: BLE001 - not JSON orjson reads, or not the schema: the route answers, in its words
-            replayed = False
-
-            async def replay() -> Message:
-                nonlocal replayed
-                if replayed:
-                    return await receive()
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self._forward(scope, replay, send, id_header, tei)
+            return await self._forward(scope, _replay(body, receive), send, id_header, tei)
         response = await answer(lambda: route.handle(request), tei)
         response.raw_headers.append(id_header)
         await response(scope, receive, send)
         return response.status_code
+
+    async def _multipart(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes],
+                         tei: bool) -> int:
+        """A multipart/form-data body is read as a form here before the routes see it: BentoML's native
+        routes read such a body as their fields and answer a 500 when it is not a form (Starlette's
+        parser raises a 400 that BentoML turns into its own 500). A malformed one is the client's 400;
+        a well-formed one goes on, replayed."""
+        try:
+            body = await self._body(receive)
+        except _BodyTooLarge:
+            return await self._too_large(send, id_header, tei)
+        if body is None:
+            return 499
+        try:
+            form = await Request({k: v for k, v in scope.items() if k != "app"}, _replay(body, receive)).form()
+            await form.close()
+        except (MultiPartException, HTTPException) as exc:
+            detail = exc.message if isinstance(exc, MultiPartException) else exc.detail
+            await send_error(send, BadRequest(
+                f"the multipart/form-data body cannot be read ({detail}): send the body as JSON with "
+                "'Content-Type: application/json'", code="invalid_multipart"), [id_header], tei)
+            return 400
+        return await self._forward(scope, _replay(body, receive), send, id_header, tei)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         if HEALTH.reason is None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runners.api.responses import is_tei
-
-HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+from runners.api.responses import HEALTH_PATHS, METRICS_PATHS, TEI_OPENAI_EMBEDDINGS, is_tei
 
 ERROR_ENVELOPE_SCHEMA = {
     "title": "ErrorEnvelope",
@@ -32,6 +30,13 @@ TEI_ERROR_SCHEMA = {
     "required": ["error", "error_type"],
     "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
 }
+TEI_OPENAI_ERROR_SCHEMA = {
+    "title": "TeiOpenAIError",
+    "type": "object",
+    "required": ["message", "code", "type", "error_type"],
+    "properties": {"message": {"type": "string"}, "code": {"type": "integer"}, "type": {"type": "string"},
+                   "error_type": {"type": "string"}},
+}
 TEI_RANKS_SCHEMA = {
     "type": "array",
     "items": {"type": "object", "required": ["index", "score"],
@@ -50,11 +55,14 @@ def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
     schemas["TeiError"] = TEI_ERROR_SCHEMA
+    schemas["TeiOpenAIError"] = TEI_OPENAI_ERROR_SCHEMA
     envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
     for path, item in doc.get("paths", {}).items():
-        if path in HEALTH_PATHS or path == "/metrics":
+        if path in HEALTH_PATHS or path in METRICS_PATHS:
             continue
         ref = {"$ref": "#/components/schemas/TeiError"} if is_tei(path) else envelope
+        if path == TEI_OPENAI_EMBEDDINGS:
+            ref = {"$ref": "#/components/schemas/TeiOpenAIError"}
         for operation in item.values():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue

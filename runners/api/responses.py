@@ -31,6 +31,9 @@ from runners.errors import (
 from runners.vocabulary import TEI_PREFIX
 
 log = logging.getLogger("embed_rerank.service")
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz")
+METRICS_PATHS = ("/metrics", TEI_PREFIX + "/metrics")  # Prometheus: public unless METRICS_PUBLIC=false
+TEI_OPENAI_EMBEDDINGS = TEI_PREFIX + "/v1/embeddings"  # TEI's OpenAI route: errors in its own body (FrontDoor)
 
 
 class JSONBody(JSONResponse):

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from runners.api import handlers, tei
 from runners.api.responses import answer, client_status_error, error_response, is_tei
@@ -51,6 +51,7 @@ class Route:
     handle: Callable[[Any], Awaitable[Any]]
     schema: type[BaseModel] | None = None
     fast: bool = False  # FrontDoor answers a well-formed body itself
+    plain_text: bool = False  # the answer is text (documented so in the OpenAPI document), not JSON
 
     @property
     def tei(self) -> bool:
@@ -82,6 +83,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/tei/decode", tei.decode, TeiDecodeRequest),
     Route("GET", "/tei/info", tei.info),
     Route("GET", "/tei/health", tei.health),
+    Route("GET", "/tei/metrics", tei.prometheus, plain_text=True),  # FrontDoor: public unless METRICS_PUBLIC=false
+    # TEI's OpenAI route: /v1/embeddings' body and answer; errors in TEI's OpenAI shape (FrontDoor)
+    Route("POST", "/tei/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
 )
 
 # Prefixes served by a FastAPI app each (mounted by service.py); other paths are BentoML APIs.
@@ -119,7 +123,8 @@ def mounted_apps() -> dict[str, FastAPI]:
         for route in ROUTES:
             if mount_of(route.path) == prefix:
                 app.add_api_route(route.path[len(prefix):], _endpoint(route), methods=[route.method],
-                                  name=route.handle.__name__)
+                                  name=route.handle.__name__,
+                                  **({"response_class": PlainTextResponse} if route.plain_text else {}))
         apps[prefix] = app
     return apps
 
@@ -170,6 +175,7 @@ def _install_error_handlers(app: FastAPI, tei_dialect: bool) -> None:
         else:
             err = client_status_error(exc.status_code, str(exc.detail))
         err.status = exc.status_code
+        err.headers = {**err.headers, **(exc.headers or {})}  # a 405's `Allow` (RFC 9110)
         return error_response(err, tei_dialect)
 
 

@@ -36,7 +36,11 @@ INPUT_TYPE_ALIASES = {
 class JsonRequest(BaseModel):
     # Unknown fields are ignored: SDKs and frameworks send fields of their own (`user`, headers
     # folded into the body by proxies); rejecting them would break clients that work elsewhere.
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # Known fields take their JSON type as it is (strict): `"normalize": "false"`, `"truncate": 0` or
+    # `"dimensions": true` is a 422 that names the field, as OpenAI's and TEI's servers answer, not a
+    # value converted behind the client's back. (BentoML's form bodies still work: it reads each
+    # form field as JSON first.)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
 class EmbeddingRequest(JsonRequest):

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.responses import PlainTextResponse, Response
 
+from runners import metrics
 from runners.api.context import inference
 from runners.api.tei_schemas import (
     TeiDecodeRequest,
@@ -124,6 +127,12 @@ async def health(query: Mapping[str, str]) -> dict[str, str]:
     if HEALTH.reason is not None or not _ready():
         raise Unavailable(HEALTH.reason or "the models are still loading")
     return {"status": "ok"}  # TEI answers an empty 200; clients read only the status
+
+
+async def prometheus(query: Mapping[str, str]) -> Response:
+    """TEI's Prometheus scrape route: this service's metrics (runners.metrics); `/metrics` has
+    BentoML's request metrics too."""
+    return PlainTextResponse(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _validated(schema: type[BaseModel], data: Any) -> Any:
