@@ -66,18 +66,24 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _tei_openai_errors(send: Send) -> Send:
-    """`send` for TEI's OpenAI-compatible route (`/tei/v1/embeddings`): TEI answers errors there as
-    `{"message", "code", "type"}` (`code` the status, `type` TEI's error type) and its OpenAPI document
-    names the type `error_type`; TEI's error body `{"error", "error_type"}`, which the routes and
-    FrontDoor answer under /tei, becomes that, with both names."""
+ErrorAnswer = Callable[[Message, bytes, Any], Awaitable[None]]
+
+
+def _catch_errors(send: Send, answer_error: ErrorAnswer, on_success: Callable[[Message], None] | None = None) -> Send:
+    """`send` that passes a success through (after `on_success` saw its start) and hands an error
+    response, whole, to `answer_error(start, body, the body's JSON or None)` to answer instead."""
     start: Message | None = None
     chunks: list[bytes] = []
 
     async def wrapped(message: Message) -> None:
         nonlocal start
-        if message["type"] == "http.response.start" and message["status"] >= 400:
-            start = message
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                if on_success is not None:
+                    on_success(message)
+                await send(message)
+            else:
+                start = message
             return
         if start is None or message["type"] != "http.response.body":
             await send(message)
@@ -90,6 +96,18 @@ def _tei_openai_errors(send: Send) -> Send:
             data = json.loads(body)
         except ValueError:
             data = None
+        await answer_error(start, body, data)
+
+    return wrapped
+
+
+def _tei_openai_errors(send: Send) -> Send:
+    """`send` for TEI's OpenAI-compatible route (`/tei/v1/embeddings`): TEI answers errors there as
+    `{"message", "code", "type"}` (`code` the status, `type` TEI's error type) and its OpenAPI document
+    names the type `error_type`; TEI's error body `{"error", "error_type"}`, which the routes and
+    FrontDoor answer under /tei, becomes that, with both names."""
+
+    async def reshape(start: Message, body: bytes, data: Any) -> None:
         headers = start.get("headers", [])
         if isinstance(data, dict) and isinstance(data.get("error"), str) and "error_type" in data:
             body = json.dumps({"message": data["error"], "code": start["status"], "type": data["error_type"],
@@ -99,7 +117,7 @@ def _tei_openai_errors(send: Send) -> Send:
         await send({**start, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    return wrapped
+    return _catch_errors(send, reshape)
 
 
 class FrontDoor:
@@ -205,41 +223,25 @@ class FrontDoor:
         """Run the app; pass successes through, put error bodies that are not envelopes (TEI's error body
         under `/tei`) into one."""
         status = 500
-        error_start: Message | None = None
-        chunks: list[bytes] = []
 
-        async def wrapped_send(message: Message) -> None:
-            nonlocal status, error_start
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                if status < 400:
-                    message["headers"] = [*message.get("headers", []), id_header]
-                    await send(message)
-                else:
-                    error_start = message
-                return
-            if error_start is None:
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = b"".join(chunks)
-            try:
-                data = json.loads(body)
-            except ValueError:
-                data = None
+        def success(start: Message) -> None:
+            nonlocal status
+            status = start["status"]
+            start["headers"] = [*start.get("headers", []), id_header]
+
+        async def envelope(start: Message, body: bytes, data: Any) -> None:
+            nonlocal status
+            status = start["status"]
             if isinstance(data, dict) and (isinstance(data.get("error"), dict) or (tei and "error_type" in data)):
-                error_start["headers"] = [*error_start.get("headers", []), id_header]
-                await send(error_start)
+                await send({**start, "headers": [*start.get("headers", []), id_header]})
                 await send({"type": "http.response.body", "body": body})
                 return
             # The framework's `Allow` on a 405 stays (RFC 9110 requires it); its other headers describe its body.
-            allow = [(k, v) for k, v in error_start.get("headers", []) if k.lower() == b"allow"]
+            allow = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"allow"]
             await send_error(send, envelope_for(status, body), [*allow, id_header], tei)
 
         try:
-            await self.app(scope, self._limited(receive), wrapped_send)
+            await self.app(scope, self._limited(receive), _catch_errors(send, envelope, success))
         except _BodyTooLarge:
             status = await self._too_large(send, id_header, tei)
         return status
