@@ -179,18 +179,19 @@ def plan(pool: Sequence[tuple[Any, tuple[int, Any, int]]], max_items: int, budge
         # Near-uniform: no cut pays for itself; fill one batch around the anchor, shortest first.
         i, j = _fill(lengths, position, max_items, budget)
         return ordered[i:j]
-    # best[j]: the least predicted time for ordered[:j]; start[j]: where its last batch starts.
-    best = [0.0] + [float("inf")] * m
+    # best[j]: the least predicted time for ordered[:j]; start[j]: where its last batch starts. A batch
+    # ordered[i:j] costs fixed + (j - i) * per_item(width of ordered[j - 1]), so for each j the best i
+    # minimizes best[i] - i * per_item: one pass over the allowed starts.
+    best = [0.0] * (m + 1)
     start = [0] * (m + 1)
     for j in range(1, m + 1):
         width = lengths[j - 1]
-        for i in range(j - 1, max(j - max_items, 0) - 1, -1):
-            n = j - i
-            if n > 1 and n * width > budget:
-                break
-            t = best[i] + cost(n, width)
-            if t < best[j]:
-                best[j], start[j] = t, i
+        per_item = width * (cost.per_token + width * cost.per_pair)
+        lo = max(j - min(max_items, max(1, budget // width)), 0)
+        scores = [b - i * per_item for i, b in enumerate(best[lo:j], lo)]
+        least = min(scores)
+        best[j] = cost.fixed + least + j * per_item
+        start[j] = lo + scores.index(least)
     j = m
     while start[j] > position:
         j = start[j]
