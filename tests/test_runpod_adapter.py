@@ -46,8 +46,8 @@ def worker_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 class Worker:
     """The worker's local API server (`python -m runpod_adapter --rp_serve_api`) and a client of its /runsync."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.process = ServerProcess.runpod_worker(tmp / "worker.log", env=worker_env(tmp), python=PYTHON)
+    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.process = ServerProcess.runpod_worker(tmp / "worker.log", env=worker_env(tmp, extra_env), python=PYTHON)
         self.url = self.process.url
         self.client = httpx.Client(base_url=self.url, timeout=120)
 
@@ -55,6 +55,9 @@ class Worker:
         response = self.client.post("/runsync", json={"input": job_input})
         assert response.status_code == 200, response.text
         return response.json()
+
+    def wait_up(self, timeout: float = 60) -> None:
+        self.process.wait_ready(timeout)
 
     def stop(self) -> None:
         self.client.close()
