@@ -184,10 +184,10 @@ def tables(result: dict[str, Any]) -> str:
 def count_errors(result: dict[str, Any]) -> int:
     """Failed requests of every part: any makes the run exit 1."""
     errors = sum(p["errors"] for s in result.get("systems", {}).values() for p in s.values())
+    errors += sum(p["errors"] for p in result.get("images", {}).get("points", {}).values())
     errors += sum(p["errors"] for s in result.get("zero_cost", {}).get("systems", {}).values() for p in s.values())
     one_client = result.get("forward", {}).get("service_one_client", {})
     errors += sum(v for k, v in one_client.items() if k.endswith("_errors"))
     errors += sum("error" in t for t in result.get("hol", {}).get("targets", {}).values())
     errors += len(result.get("zero_cost", {}).get("failed", {}))
-    errors += sum(p["errors"] for p in result.get("images", {}).get("points", {}).values())
     return errors

@@ -51,11 +51,17 @@ class LoadedModel(ModelCard):
     """A model card with its running scheduler, queue depth and counters."""
 
     scheduler: ModelScheduler
-    # CLIP-like models: the vision tower's own scheduler (a text and an image never share a batch).
+    # CLIP-like models: the vision tower's own scheduler (a text and an image never share a batch), made
+    # with the text scheduler's limits; images count as their vision tokens in the same token budget.
     image_scheduler: ModelScheduler | None = None
     in_flight: int = 0
     stats: ModelStats = field(default_factory=ModelStats)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.images is not None and self.image_scheduler is None:
+            self.image_scheduler = ModelScheduler(self.images, name=f"{self.name}:image", max_batch_size=self.spec.batch_size,
+                                                  max_batch_tokens=self.scheduler.budget.limit, probe=())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -102,18 +108,13 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     card = load_card(spec, settings)
     replica = card.replica
     probe = [(t, t) for t in _PROBE_TEXTS] if card.pairs else _PROBE_TEXTS
-    budget = spec.max_batch_tokens or default_batch_tokens(settings)
     scheduler = ModelScheduler(
         replica, name=spec.served_name, max_batch_size=spec.batch_size,
-        max_batch_tokens=budget, probe=probe,
+        max_batch_tokens=spec.max_batch_tokens or default_batch_tokens(settings), probe=probe,
         single_thread_tokens=single_thread_tokens(replica, settings),
         cpu_threads=process_torch_threads() if torch_on_cpu(replica, settings) else 0,
     )
-    image_scheduler = None
-    if card.images is not None:  # images count as their vision tokens in the same budget
-        image_scheduler = ModelScheduler(card.images, name=f"{spec.served_name}:image", max_batch_size=spec.batch_size,
-                                         max_batch_tokens=budget, probe=())
-    return LoadedModel(**card.card_fields(), scheduler=scheduler, image_scheduler=image_scheduler)
+    return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
 
 class EngineRegistry:
