@@ -318,3 +318,20 @@ def test_runpod_jobs_take_the_same_fields(monkeypatch, models, references):
     assert all(cosine(g, w) >= 0.999 for g, w in zip(vectors(native), want))
     assert cosine(vectors(openai_job[0])[0], want[2]) >= 0.999
     assert refused["status_code"] == 400 and "IMAGE_URLS=allow" in refused["error"]
+
+
+def test_the_documented_example_runs(server, tmp_path):
+    """docs/api.md's Python example for images (OpenAI SDK and Cohere SDK), as written, against this server."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    block = re.search(r"```python\n(import base64\nimport os\n\nimport cohere\nfrom openai.*?)```", text, re.S).group(1)
+    (tmp_path / "cat.jpg").write_bytes(encoded(picture(7, (80, 60)), "JPEG"))
+    env = dict(os.environ, EMBED_URL=server.url, IMAGE_MODEL="clip", IMAGE=str(tmp_path / "cat.jpg"))
+    out = subprocess.run([sys.executable, "-c", block], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cosine_line, cohere_line, inputs_line = out.stdout.split("\n")[:3]
+    assert -1 <= float(cosine_line) <= 1 and cohere_line == "32 80 65.0" and inputs_line == "1"
