@@ -277,6 +277,11 @@ def test_fetch_follows_redirects_only_within_the_rules(origin):
         fetch(fetcher, origin.url + "/loop")
     with pytest.raises(BadRequest, match="HTTP 404"):
         fetch(fetcher, origin.url + "/missing")
+    for odd in (origin.url + "/a b\x00.png", origin.url + "/\u00e9t\u00e9.png"):  # odd paths: a 4xx, never a 5xx
+        with pytest.raises(BadRequest):
+            fetch(fetcher, odd)
+    with pytest.raises(BadRequest, match="not in IMAGE_URL_HOSTS"):
+        fetch(fetcher, "http://b\u00fccher.example/a.png")
 
 
 def test_the_byte_limit_holds_while_streaming(origin):

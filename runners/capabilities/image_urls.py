@@ -95,7 +95,8 @@ class ImageFetcher:
         try:
             parts = urlsplit(url)
             host, port = (parts.hostname or "").rstrip(".").lower(), parts.port
-        except ValueError:
+            host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        except (ValueError, UnicodeError):
             raise BadRequest(f"{where} is not a valid URL", param=where, code="invalid_image_url") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
@@ -152,7 +153,7 @@ class ImageFetcher:
                             raise BadRequest(f"{where}: {_short(url)} answered HTTP {response.status_code}", param=where,
                                              code="image_url_fetch_failed")
                         return await self._read(response, where)
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as exc:
                     raise BadRequest(f"{where}: fetching {_short(url)} failed ({type(exc).__name__})", param=where,
                                      code="image_url_fetch_failed") from None
         raise BadRequest(f"{where}: {_short(url)} redirects more than {MAX_REDIRECTS} times", param=where,
