@@ -7,6 +7,7 @@ from typing import Any
 
 from bench import hol
 from bench.forward import GOAL_GAP_MS
+from bench.images import images_table
 from bench.load import fmt
 from bench.zero_cost import ZERO_COST_LABELS
 
@@ -183,6 +184,8 @@ def tables(result: dict[str, Any]) -> str:
         p50s = ", ".join(f"{v:.2f} ({k})" for k, v in fwd.get("service_p50_ms", {}).items()) or "–"
         gaps = ", ".join(f"{v:+.2f} ({k})" for k, v in fwd.get("gap_ms", {}).items()) or "–"
         out.append(f"| {raw['forward_ms']:.2f} | {raw['tokenize_ms']:.2f} | {p50s} | {gaps} |")
+    if "images" in result:
+        out += images_table(result["images"])
     if result.get("goals"):
         out += ["", "Goals", ""] + [f"- {k}: {fmt(v)}" for k, v in result["goals"].items()]
     return "\n".join(out)
@@ -191,6 +194,7 @@ def tables(result: dict[str, Any]) -> str:
 def count_errors(result: dict[str, Any]) -> int:
     """Failed requests of every part: any makes the run exit 1."""
     errors = sum(p["errors"] for s in result.get("systems", {}).values() for p in s.values())
+    errors += sum(p["errors"] for p in result.get("images", {}).get("points", {}).values())
     errors += sum(p["errors"] for s in result.get("zero_cost", {}).get("systems", {}).values() for p in s.values())
     one_client = result.get("forward", {}).get("service_one_client", {})
     errors += sum(v for k, v in one_client.items() if k.endswith("_errors"))

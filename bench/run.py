@@ -37,6 +37,8 @@ Then parts about the batch scheduler (issues 12 and 19), each skippable:
                    (bench/bare_service.py, with and without OpenTelemetry), loaded by Debian's wrk
                    (bench/wrk.py; 64 connections for req/s, 1 for p50/p99), after the servers above
                    have stopped. Without wrk these rows are skipped unless --load-client httpx|auto.
+- images (--skip-images): images/s at 1 and 16 clients, one JPEG a request, the service serving the
+                   tiny CLIP of the tests or --images-model (bench/images.py, issue 20).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ if str(ROOT) not in sys.path:
 from bench import hol  # noqa: E402
 from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, served_model, st_baseline  # noqa: E402
 from bench.forward import gap_report, raw_forward  # noqa: E402
+from bench.images import images_part  # noqa: E402
 from bench.latency import hol_part, one_client_p50  # noqa: E402
 from bench.load import LoadClient, LoadTarget, resolve_load_client, summarize_points  # noqa: E402
 from bench.mixed import SYSTEMS as MIXED_SYSTEMS  # noqa: E402
@@ -105,7 +108,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "device": args.device,
         "model_path": path,
-        "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost},
+        "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost,
+                  "images": not args.skip_images},
         "load": {
             "request": "one sentence per request (POST body {'input': [text], 'model': …})",
             "concurrency": args.concurrency,
@@ -269,6 +273,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif not args.skip_zero_cost:
         result["zero_cost"] = {"skipped": skipped.get("wrk", "no load client")}
 
+    if not args.skip_images and interrupted:
+        result["images"] = {"skipped": f"interrupted (SIGINT) during {interrupted[0]}, before it started"}
+    elif not args.skip_images:
+        print("images: the service serving a CLIP-like model …", flush=True)
+        try:
+            result["images"] = await images_part(args)
+        except asyncio.CancelledError:
+            result["images"] = {"skipped": "interrupted (SIGINT)", "interrupted": True}
+            interrupted.append("images")
+
     if skipped:
         result["skipped"] = skipped
     if interrupted:
@@ -308,6 +322,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="no zero-cost-model rows (service, infinity server, bare BentoML route under wrk)")
     parts.add_argument("--skip-hol", action="store_true", help="no head-of-line measurement")
     parts.add_argument("--skip-forward", action="store_true", help="no raw-forward-pass against one-client p50")
+    parts.add_argument("--skip-images", action="store_true", help="no image-embedding rows (bench/images.py)")
+    parts.add_argument("--images-model", default=None,
+                       help="a CLIP-like folder or hub id for the image rows (default: the tests' tiny CLIP)")
+    parts.add_argument("--images-concurrency", default="1,16", help="clients of the image rows (default 1,16)")
     parts.add_argument("--load-client", choices=("wrk", "httpx", "auto"), default="wrk",
                        help="the zero-cost rows' and one-client p50's load generator: wrk (skip them without it; "
                             "default), httpx (this process), auto (wrk, else httpx)")
@@ -331,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logs", type=Path, default=ROOT / "reports", help="folder for the servers' logs")
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
+    args.images_concurrency = sorted({int(c) for c in args.images_concurrency.split(",") if c.strip()})
     gpu = args.device.startswith("cuda")
     args.matmul_n = args.matmul_n or (8192 if gpu else 2048)
     args.matmul_repeats = args.matmul_repeats or (20 if gpu else 8)
@@ -361,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency, args.rounds, args.seconds = [1], 1, 1.5
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
-        args.skip_zero_cost = args.skip_hol = True
+        args.skip_zero_cost = args.skip_hol = args.skip_images = True
         args.forward_runs, args.forward_seconds = 50, 1.0
     return args
 

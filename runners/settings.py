@@ -9,7 +9,9 @@ variable, the value and what is accepted.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +91,15 @@ class Settings:
     onnx_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embed-rerank" / "onnx")
     onnx_threads: int = 0
     allocator: str = "auto"
+    # Images (runners.capabilities.images, docs/api.md#images): limits on every image, and URL inputs,
+    # which are off unless IMAGE_URLS=allow names the hosts they may come from.
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 16_777_216
+    max_images: int = 128
+    image_urls: bool = False
+    image_url_hosts: tuple[str, ...] = ()
+    image_url_timeout_s: float = 10.0
+    image_url_concurrency: int = 8
 
     @property
     def all_local(self) -> bool:
@@ -155,6 +166,45 @@ def _choice(name: str, value: str, choices: tuple[str, ...] | Mapping[str, str])
         allowed = ", ".join(choices)
         raise SettingsError(f"{name} has {value!r}, which is not one of: {allowed}")
     return choices[key] if isinstance(choices, Mapping) else key
+
+
+IMAGE_URL_MODES = ("deny", "allow")
+_HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
+
+
+def parse_image_url_hosts(value: str) -> tuple[str, ...]:
+    """IMAGE_URL_HOSTS: host names (`images.example.com`), subdomain patterns (`*.example.com`), IP
+    addresses, or `*` (any host whose address is public), separated by `;` or `,`."""
+    hosts = []
+    for raw in value.replace(",", ";").split(";"):
+        host = raw.strip().lower().rstrip(".")
+        if not host:
+            continue
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        try:
+            hosts.append(str(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if "://" in host or "/" in host or ":" in host or not _HOST_PATTERN.match(host):
+            raise SettingsError(
+                f"IMAGE_URL_HOSTS has {raw.strip()!r}, which is not a host: give host names without scheme, port "
+                "or path (images.example.com), *.example.com for its subdomains, IP addresses, or * for any public host"
+            )
+        hosts.append(host)
+    return tuple(dict.fromkeys(hosts))
+
+
+def _image_urls(env: Mapping[str, str]) -> tuple[bool, tuple[str, ...]]:
+    allow = _choice("IMAGE_URLS", env.get("IMAGE_URLS", "deny") or "deny", IMAGE_URL_MODES) == "allow"
+    hosts = parse_image_url_hosts(env.get("IMAGE_URL_HOSTS", ""))
+    if allow and not hosts:
+        raise SettingsError(
+            "IMAGE_URLS=allow needs IMAGE_URL_HOSTS, the hosts images may be fetched from: e.g. "
+            "IMAGE_URL_HOSTS='images.example.com;*.cdn.example.com' (or * for any host with a public address)"
+        )
+    return allow, hosts
 
 
 def parse_allocator(value: str) -> str:
@@ -263,6 +313,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             )
         seen[spec.served_name] = spec.name_or_path
 
+    image_urls, image_url_hosts = _image_urls(env)
     keys = tuple(k for k in (p.strip() for p in env.get("API_KEY", "").replace(",", ";").split(";")) if k)
     cache = env.get("ONNX_CACHE_DIR", "").strip()
     return Settings(
@@ -289,6 +340,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
         onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
         allocator=parse_allocator(env.get("ALLOCATOR", "")),
+        max_image_bytes=_int(env, "MAX_IMAGE_BYTES", 10 * 1024 * 1024),
+        max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 16_777_216),
+        max_images=_int(env, "MAX_IMAGES_PER_REQUEST", 128),
+        image_urls=image_urls,
+        image_url_hosts=image_url_hosts,
+        image_url_timeout_s=_float(env, "IMAGE_URL_TIMEOUT", 10.0),
+        image_url_concurrency=_int(env, "IMAGE_URL_CONCURRENCY", 8),
     )
 
 

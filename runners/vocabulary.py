@@ -10,6 +10,11 @@ from __future__ import annotations
 # ---- capabilities: what a served model can do (listed in /v1/models) ----
 EMBED, RERANK, CLASSIFY = "embed", "rerank", "classify"
 SPARSE_EMBED, TOKEN_EMBED = "sparse", "tokens"  # sparse vectors (SPLADE, BGE-M3), token vectors (ColBERT, BGE-M3)
+IMAGE_EMBED = "image_embed"  # images into the model's text space (CLIP, SigLIP): runners.models.image
+
+# ---- modalities: what one embedding input is (`modality`; a part of Cohere's `inputs`) ----
+TEXT, IMAGE = "text", "image"
+MODALITIES = (TEXT, IMAGE)
 
 # ---- outputs: what one embedding request may ask for (`output`), and where each lands in a row ----
 DENSE, SPARSE, TOKENS = "dense", "sparse", "tokens"
@@ -25,7 +30,8 @@ AUTO = "auto"
 EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND = "embed", "rerank", "classify", "qwen3-reranker"
 SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND = "sparse", "colbert", "bge-m3", "tokens"
 MULTI_OUTPUT_KINDS = (SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND)  # runners.models.multi_output
-MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, *MULTI_OUTPUT_KINDS)
+CLIP_KIND = "clip"  # a text tower and a vision tower into one space (CLIP, SigLIP, SigLIP2): runners.models.image
+MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND)
 
 # ---- rerank modes: how a model that can rerank computes a score (`rerank_via` in /v1/models) ----
 CROSS_ENCODER = "cross-encoder"  # a sequence-classification model reads (query, document)

@@ -442,3 +442,90 @@ def build_colbert_pylate(folder: Path, seed: int = 0, dim: int = 16, query_lengt
         "prompts": {}, "default_prompt_name": None,
     }, indent=2))
     return folder
+
+
+# ---- texts and images in one space (runners.models.image) ----
+
+
+def _tiny_towers(model, std: float = 0.3):
+    """Widen every weight but the layer norms: the default init maps every input to nearly one vector."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, std)
+    return model
+
+
+def _clip_tokenizer(folder: Path):
+    """CLIP's byte-level BPE, written by hand: every byte (alone and word-final) and a few merges, as
+    transformers' own CLIP tokenizer tests build it; <|endoftext|> (eos and pad) has the highest id."""
+    import json
+
+    from transformers import CLIPTokenizerFast
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "o f</w>", "p h", "ph o", "pho t", "phot o</w>",
+              "r e", "re d</w>", "b l", "bl u", "blu e</w>"]
+    vocab = list(dict.fromkeys([*chars, *[c + "</w>" for c in chars], *[m.replace(" ", "") for m in merges],
+                                "<|startoftext|>", "<|endoftext|>"]))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+                             model_max_length=77)
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A `CLIPModel` with 32-wide 2-layer towers (images 32 x 32, patches of 4: 65 vision tokens), its
+    tokenizer (window 77) and `CLIPImageProcessor` (shortest edge 32, center crop) saved beside it."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(folder)
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={**tower, "image_size": 32, "patch_size": 4}, projection_dim=32,
+    )
+    config.architectures = ["CLIPModel"]
+    _tiny_towers(CLIPModel(config).eval()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_siglip(folder: Path, seed: int = 0, window: int = 16) -> Path:
+    """A `SiglipModel` with 32-wide 2-layer towers (images 32 x 32, patches of 4: 64 vision tokens), a
+    word-level tokenizer that, like SigLIP's, appends </s> and returns no attention mask (window 16:
+    texts are padded to it, as SigLIP was trained), and `SiglipImageProcessor` at 32 x 32."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "</s>", "<unk>", *WORDS, "photo", "picture", *"abcdefghijklmnopqrstuvwxyz0123456789.,?!'-:"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                        model_max_length=window, model_input_names=["input_ids"])
+    torch.manual_seed(seed)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = SiglipConfig(
+        text_config={**tower, "vocab_size": len(tokenizer), "max_position_embeddings": window,
+                     "pad_token_id": vocab["<pad>"], "eos_token_id": vocab["</s>"]},
+        vision_config={**tower, "image_size": 32, "patch_size": 4},
+    )
+    config.architectures = ["SiglipModel"]
+    _tiny_towers(SiglipModel(config).eval()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -11,12 +11,10 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from runners.capabilities.queries import ClassifyQuery, EmbedQuery, RerankQuery
-from runners.vocabulary import DENSE, EMBEDDING_TYPES, OUTPUTS
+from runners.capabilities.queries import ClassifyQuery, EmbedQuery, Part, RerankQuery
+from runners.vocabulary import DENSE, EMBEDDING_TYPES, IMAGE, MODALITIES, OUTPUTS, TEXT
 
-# `str` for text; `[int]` / `[[int]]` for token ids, as the OpenAI API and its SDK (tiktoken) send.
-TokenIds = list[StrictInt]
-EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+Modality = Literal[MODALITIES]  # type: ignore[valid-type]
 
 EmbeddingType = Literal[EMBEDDING_TYPES]  # type: ignore[valid-type]
 OutputName = Literal[OUTPUTS]  # type: ignore[valid-type]
@@ -43,10 +41,32 @@ class JsonRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
+class InputObject(JsonRequest):
+    """Jina's embedding input item: `{"text": ...}` or `{"image": data URI, base64 or URL}`."""
+
+    text: StrictStr | None = None
+    image: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> InputObject:
+        if (self.text is None) == (self.image is None):
+            raise ValueError('an input object has "text" or "image" (one of them)')
+        return self
+
+
+# `str` for text; `[int]` / `[[int]]` for token ids, as the OpenAI API and its SDK (tiktoken) send;
+# Jina's objects for texts and images side by side.
+TokenIds = list[StrictInt]
+EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds], list[InputObject]]
+
+
 class EmbeddingRequest(JsonRequest):
     """`POST /embed`, `POST /v1/embeddings` and the RunPod embed job."""
 
-    input: EmbeddingInput = Field(description="a text, a list of texts, token ids, or a list of token-id lists")
+    input: EmbeddingInput = Field(description="a text, a list of texts, token ids, a list of token-id lists, or "
+                                              "Jina's [{text} or {image}] objects")
+    modality: Modality = Field("text", description="image: each input is an image, a data:image/...;base64 URI "
+                                                     "(or a URL where IMAGE_URLS=allow)")
     model: str | None = None
     input_type: str | None = Field(None, description="query or document: applies the model's prompt")
     instruction: str | None = Field(None, description="task text for instruction models (implies a query)")
@@ -72,9 +92,18 @@ class EmbeddingRequest(JsonRequest):
     def _dimensions(cls, value: int | None) -> int | None:
         return value or None  # Infinity's client sends 0 for "not set", as Infinity's server reads it
 
+    @model_validator(mode="after")
+    def _images_as_strings(self) -> EmbeddingRequest:
+        if self.modality == IMAGE and not (isinstance(self.input, str) or all(isinstance(x, str) for x in self.input)):
+            raise ValueError("modality image takes `input` as an image or a list of images: "
+                             "data:image/png;base64,... URIs (or jpeg, webp, gif)")
+        return self
+
     def to_query(self) -> EmbedQuery:
-        texts, ids = texts_or_ids(self.input)
+        contents = input_contents(self.input, self.modality)
+        texts, ids = texts_or_ids(self.input) if contents is None else (None, None)
         return EmbedQuery(
+            contents=contents,
             texts=texts,
             token_ids=ids,
             model=self.model,
@@ -99,12 +128,47 @@ def input_type_of(value: str | None) -> str | None:
     return INPUT_TYPE_ALIASES[key]
 
 
+class CohereImageUrl(JsonRequest):
+    url: StrictStr
+
+
+class CohereContent(JsonRequest):
+    """One part of a Cohere input: `{"type": "text", "text"}` or `{"type": "image_url", "image_url": {"url"}}`."""
+
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+    image_url: CohereImageUrl | StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _filled(self) -> CohereContent:
+        if self.type == "text" and self.text is None:
+            raise ValueError('a "text" part needs "text"')
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError('an "image_url" part needs "image_url": {"url": "data:image/...;base64,..."}')
+        return self
+
+    def part(self, where: str) -> Part:
+        if self.type == "text":
+            return Part(TEXT, self.text or "", where)
+        url = self.image_url if isinstance(self.image_url, str) else self.image_url.url  # type: ignore[union-attr]
+        return Part(IMAGE, url, where)
+
+
+class CohereInput(JsonRequest):
+    content: list[CohereContent]
+
+
 class CohereEmbedRequest(JsonRequest):
-    """`POST /v2/embed`: Cohere's embed v2 (texts only; images are not served)."""
+    """`POST /v2/embed`: Cohere's embed v2: `texts`, `images` (data URIs) or `inputs` (texts and images,
+    one vector per input)."""
 
     model: str | None = None
-    texts: list[StrictStr]
-    input_type: str | None = Field(None, description="search_query, search_document, classification or clustering")
+    texts: list[StrictStr] | None = None
+    images: list[StrictStr] | None = Field(None, description="data:image/...;base64 URIs (input_type image)")
+    inputs: list[CohereInput] | None = Field(None, description="[{content: [{type: text, text} or "
+                                                               "{type: image_url, image_url: {url}}]}]")
+    input_type: str | None = Field(None, description="search_query, search_document, classification, clustering "
+                                                     "or image")
     embedding_types: list[EmbeddingType] = Field(default_factory=lambda: ["float"])
     output_dimension: Annotated[int, Field(ge=1)] | None = None
     truncate: Literal["NONE", "START", "END"] = "END"
@@ -112,14 +176,30 @@ class CohereEmbedRequest(JsonRequest):
     @field_validator("input_type")
     @classmethod
     def _input_type(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() == IMAGE:
+            return IMAGE
         return input_type_of(value)
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> CohereEmbedRequest:
+        given = [name for name in ("texts", "images", "inputs") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("send one of texts, images (with input_type image) or inputs")
+        return self
+
     def to_query(self) -> EmbedQuery:
+        contents = None
+        if self.images is not None:
+            contents = tuple((Part(IMAGE, v, f"images[{i}]"),) for i, v in enumerate(self.images))
+        elif self.inputs is not None:
+            contents = tuple(tuple(c.part(f"inputs[{i}].content[{j}]") for j, c in enumerate(item.content))
+                             for i, item in enumerate(self.inputs))
         return EmbedQuery(
-            texts=list(self.texts),
+            contents=contents,
+            texts=list(self.texts) if self.texts is not None else None,
             token_ids=None,
             model=self.model,
-            input_type=self.input_type,
+            input_type=None if self.input_type == IMAGE else self.input_type,
             dimensions=self.output_dimension,
             truncate=self.truncate != "NONE",
             truncate_left=self.truncate == "START",
@@ -205,6 +285,17 @@ class ClassifyRequest(JsonRequest):
     def to_query(self) -> ClassifyQuery:
         texts = [self.input] if isinstance(self.input, str) else list(self.input)
         return ClassifyQuery(texts=texts, model=self.model, raw_scores=self.raw_scores)
+
+
+def input_contents(data: EmbeddingInput, modality: str) -> tuple[tuple[Part, ...], ...] | None:
+    """The inputs as parts when they hold images (`modality: image`, Jina's objects); None for texts and ids."""
+    if modality == IMAGE:
+        values = [data] if isinstance(data, str) else list(data)
+        return tuple((Part(IMAGE, v, f"input[{i}]"),) for i, v in enumerate(values))  # type: ignore[arg-type]
+    if isinstance(data, list) and data and isinstance(data[0], InputObject):
+        return tuple((Part(TEXT, x.text, f"input[{i}]") if x.text is not None else Part(IMAGE, x.image or "", f"input[{i}]"),)
+                     for i, x in enumerate(data))  # type: ignore[union-attr]
+    return None
 
 
 def texts_or_ids(data: EmbeddingInput) -> tuple[list[str] | None, list[list[int]] | None]:

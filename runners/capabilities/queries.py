@@ -9,6 +9,16 @@ from runners.vocabulary import DENSE
 
 
 @dataclass(frozen=True)
+class Part:
+    """One piece of an input: a text, or an image as sent (data URI, base64, or URL); `where` names it
+    in errors (`input[2]`, `images[0]`, `inputs[1].content[0]`)."""
+
+    modality: str  # vocabulary.MODALITIES
+    value: str
+    where: str
+
+
+@dataclass(frozen=True)
 class EmbedQuery:
     texts: list[str] | None
     token_ids: list[list[int]] | None
@@ -25,6 +35,9 @@ class EmbedQuery:
     prompt_name: str | None = None  # a key of the model's prompts (TEI)
     outputs: tuple[str, ...] = (DENSE,)  # vocabulary.OUTPUTS; the first is `embedding`
     sparse_top_k: int | None = None
+    # Images and mixed inputs (`modality: image`, Cohere's `images` and `inputs`, Jina's objects): each
+    # input's parts; `texts` and `token_ids` are None then (runners.capabilities.image_embed).
+    contents: tuple[tuple[Part, ...], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Each takes the internal query of its capability (`runners.capabilities.queries`), checks it against
 the limits and the model, runs it on the model's engine (`runners.engine.registry`) and returns the
 response body as a dict. `InferenceService` is their composition, one module per capability:
-embed (`embed.py`, with sparse and token outputs), rerank (`rerank.py`), classify (`classify.py`),
-tokenize (`tokenize.py`); what they share is in `base.py`.
+embed (`embed.py`, with sparse and token outputs; `image_embed.py` for images), rerank (`rerank.py`),
+classify (`classify.py`), tokenize (`tokenize.py`); what they share is in `base.py`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ from typing import Any
 
 from runners import metrics
 from runners.capabilities.classify import Classification
+from runners.capabilities.image_embed import ImageEmbedding
 from runners.capabilities.queries import ClassifyQuery, EmbedQuery, RerankQuery
 from runners.capabilities.rerank import Reranking
 from runners.capabilities.tokenize import Tokenization
 from runners.engine.registry import EngineRegistry, LoadedModel
 from runners.settings import Settings
-from runners.vocabulary import CLASSIFY, EMBED, RERANK
+from runners.vocabulary import CLASSIFY, EMBED, IMAGE_EMBED, RERANK
 
 
-class InferenceService(Reranking, Classification, Tokenization):
+class InferenceService(ImageEmbedding, Reranking, Classification, Tokenization):
     def __init__(self, settings: Settings, registry: EngineRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or EngineRegistry(settings)
@@ -53,4 +54,6 @@ class InferenceService(Reranking, Classification, Tokenization):
             await self.rerank(RerankQuery(query="warm up", documents=["a warm-up document"], model=model.name))
         elif CLASSIFY in model.capabilities:
             await self.classify(ClassifyQuery(texts=["warm up"], model=model.name))
+        if IMAGE_EMBED in model.capabilities:
+            await self._warmup_images(model)
         model.stats = type(model.stats)()

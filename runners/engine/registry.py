@@ -20,7 +20,7 @@ from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, 
 from runners.models.card import ModelCard
 from runners.models.load import load_card
 from runners.settings import ModelSpec, Settings
-from runners.vocabulary import DENSE, EMBED, RERANK, RERANK_PREFERENCE, UNSPECIFIED_MODELS
+from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, RERANK, RERANK_PREFERENCE, UNSPECIFIED_MODELS
 
 log = logging.getLogger("embed_rerank.engines")
 
@@ -52,9 +52,17 @@ class LoadedModel(ModelCard):
     """A model card with its running scheduler, queue depth and counters."""
 
     scheduler: ModelScheduler
+    # CLIP-like models: the vision tower's own scheduler (a text and an image never share a batch), made
+    # with the text scheduler's limits; images count as their vision tokens in the same token budget.
+    image_scheduler: ModelScheduler | None = None
     in_flight: int = 0
     stats: ModelStats = field(default_factory=ModelStats)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.images is not None and self.image_scheduler is None:
+            self.image_scheduler = ModelScheduler(self.images, name=f"{self.name}:image", max_batch_size=self.spec.batch_size,
+                                                  max_batch_tokens=self.scheduler.budget.limit, probe=())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -81,8 +89,19 @@ class LoadedModel(ModelCard):
             "labels": self.labels or None,
             "load_seconds": round(self.load_seconds, 2),
             "in_flight": self.in_flight,
-            "stats": self.stats.as_dict() | self.scheduler.counters,
+            "stats": self.stats.as_dict() | self.scheduler.counters | (
+                {f"image_{k}": v for k, v in self.image_scheduler.counters.items()} if self.image_scheduler else {}),
+            "image_tokens": self.image_tokens,
         }
+
+    @property
+    def schedulers(self) -> list[ModelScheduler]:
+        return [self.scheduler] + ([self.image_scheduler] if self.image_scheduler is not None else [])
+
+    def scheduler_for(self, capability: str) -> ModelScheduler:
+        if capability == IMAGE_EMBED and self.image_scheduler is not None:
+            return self.image_scheduler
+        return self.scheduler
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
@@ -126,7 +145,8 @@ class EngineRegistry:
                 except Exception as exc:
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
-                loaded.scheduler.start()
+                for scheduler in loaded.schedulers:
+                    scheduler.start()
                 self.models.append(loaded)
                 if warmup is not None and self.settings.model_warmup:
                     await warmup(loaded)
@@ -144,10 +164,11 @@ class EngineRegistry:
             self._watchdog.cancel()
             self._watchdog = None
         for model in self.models:
-            try:
-                await asyncio.to_thread(model.scheduler.stop)
-            except Exception:  # noqa: BLE001 - one model failing to stop must not keep the others running
-                log.exception("stopping model %s failed", model.name)
+            for scheduler in model.schedulers:
+                try:
+                    await asyncio.to_thread(scheduler.stop)
+                except Exception:  # noqa: BLE001 - one model failing to stop must not keep the others running
+                    log.exception("stopping model %s failed", scheduler.name)
         self.models = []
 
     @property
@@ -160,14 +181,13 @@ class EngineRegistry:
         stall = self.settings.stall_timeout_s
         while True:
             await asyncio.sleep(min(1.0, stall / 4))
-            for model in self.models:
-                scheduler = model.scheduler
+            for model, scheduler in [(m, s) for m in self.models for s in m.schedulers]:
                 if scheduler.dead_reason is not None:
                     continue
                 roles = scheduler.dead_loops()
                 if roles:
                     if scheduler.restart(roles):
-                        log.warning("model %s: restarted its %s loop", model.name, " and ".join(roles))
+                        log.warning("model %s: restarted its %s loop", scheduler.name, " and ".join(roles))
                         continue
                     self._give_up(model, f"its batch loop died more than {scheduler.restarts_allowed} times "
                                          f"within {scheduler.restart_window_s:.0f}s")
@@ -178,7 +198,8 @@ class EngineRegistry:
         reason = f"model {model.name!r} is out of service: {why}"
         log.error("%s; health answers 503 and the process exits", reason)
         HEALTH.fail(reason)
-        model.scheduler.kill(why)
+        for scheduler in model.schedulers:
+            scheduler.kill(why)
         if self.on_fatal is not None:
             asyncio.get_running_loop().call_later(FATAL_EXIT_DELAY_S, self.on_fatal, reason)
 
@@ -236,11 +257,12 @@ class EngineRegistry:
             )
         model.in_flight += items
         started = time.perf_counter()
+        scheduler = model.scheduler_for(capability)
         try:
             if _HAS_TIMEOUT:  # no extra task per request, as wait_for makes on 3.11
                 async with asyncio.timeout(self.settings.request_timeout_s):
-                    return await model.scheduler.run(inputs)
-            return await asyncio.wait_for(model.scheduler.run(inputs), timeout=self.settings.request_timeout_s)
+                    return await scheduler.run(inputs)
+            return await asyncio.wait_for(scheduler.run(inputs), timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             model.stats.errors += 1
             raise Timeout(

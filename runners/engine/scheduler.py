@@ -73,7 +73,9 @@ class ModelScheduler(TokenizerStage):
         self.name = name
         self.max_batch_size = max_batch_size
         self.budget = TokenBudget(max_batch_tokens)
-        self.codec = FeatureCodec(replica, probe)
+        # A replica may bring its own codec (split and re-pad, runners.models.image); else one is learnt
+        # from the probe.
+        self.codec = getattr(replica, "batch_codec", None) or FeatureCodec(replica, probe)
         self.restarts_allowed = restarts_allowed
         self.restart_window_s = restart_window_s
         self.dead_reason: str | None = None

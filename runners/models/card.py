@@ -31,6 +31,10 @@ class ModelCard:
     token_dimensions: int | None = None  # size of each token vector
     tokens_normalized: bool = False  # token vectors are unit length (ColBERT, BGE-M3), or raw hidden states
     query_aware: bool = False  # ColBERT: queries must be sent as MultiInput(..., query=True)
+    # CLIP-like models (runners.models.image): the replica of the vision tower, batched by a scheduler
+    # of its own (`prepare` turns a decoded image into its input), and the tokens one image counts as.
+    images: Any = None
+    image_tokens: int | None = None
     load_seconds: float = 0.0
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

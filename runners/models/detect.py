@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 from runners.models.checkpoint import model_file, st_modules
+from runners.models.image import has_feature_methods
 from runners.models.qwen3 import is_qwen3_reranker
 from runners.settings import ModelSpec
 from runners.vocabulary import (
     AUTO,
     BGE_M3_KIND,
     CLASSIFY_KIND,
+    CLIP_KIND,
     COLBERT_KIND,
     EMBED_KIND,
     QWEN3_RERANKER_KIND,
@@ -55,7 +57,13 @@ def sequence_classification(name_or_path: str, config: dict[str, Any]) -> str | 
     return None
 
 
-RULES: tuple[Callable[[str, dict[str, Any]], str | None], ...] = (qwen3_reranker, multi_output, sequence_classification)
+def dual_encoder(name_or_path: str, config: dict[str, Any]) -> str | None:
+    """A text tower and a vision tower with `get_text_features` / `get_image_features` (CLIP, SigLIP)."""
+    return CLIP_KIND if has_feature_methods(config) else None
+
+
+RULES: tuple[Callable[[str, dict[str, Any]], str | None], ...] = (
+    dual_encoder, qwen3_reranker, multi_output, sequence_classification)
 
 
 def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:

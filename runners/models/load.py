@@ -2,8 +2,9 @@
 replica and says what it can do (a `ModelCard`). Blocking: the engine runs it in a thread.
 
 Replicas are Infinity's own (its model selection for embedding models and cross-encoders) or this
-project's (Qwen3 rerankers, logit classifiers, ONNX, multi-output models); Infinity's batch handler
-is never started: runners.engine.scheduler batches every replica.
+project's (Qwen3 rerankers, logit classifiers, ONNX, multi-output models, CLIP-like models with a
+replica per tower); Infinity's batch handler is never started: runners.engine.scheduler batches
+every replica.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from runners.settings import ModelSpec, Settings
 from runners.vocabulary import (
     CLASSIFY,
     CLASSIFY_KIND,
+    CLIP_KIND,
     COLBERT_MAXSIM,
     CROSS_ENCODER,
     DENSE,
     EMBED,
     EMBED_KIND,
     EMBEDDING_COSINE,
+    IMAGE_EMBED,
     MULTI_OUTPUT_KINDS,
     QWEN3_RERANKER_KIND,
     QWEN3_YES_NO,
@@ -185,6 +188,18 @@ def _multi_output(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> 
     )
 
 
+def _dual_encoder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
+    """CLIP, SigLIP, SigLIP2: texts and images into one space, one replica per tower (runners.models.image)."""
+    from runners.models.image import DualEncoder
+
+    encoder = DualEncoder(engine_args=args)
+    return ModelCard(
+        spec=spec, replica=encoder.text, capabilities=frozenset({EMBED, IMAGE_EMBED}),
+        tokenizer=copy.deepcopy(encoder.tokenizer), max_tokens=encoder.max_length, dimensions=encoder.dimensions,
+        images=encoder.images, image_tokens=encoder.image_tokens,
+    )
+
+
 Loader = Callable[[ModelSpec, Settings, Any, str], ModelCard]
 LOADERS: dict[str, Loader] = {
     QWEN3_RERANKER_KIND: _qwen3_reranker,
@@ -192,9 +207,10 @@ LOADERS: dict[str, Loader] = {
     RERANK_KIND: _cross_encoder,
     EMBED_KIND: _embedder,
     **dict.fromkeys(MULTI_OUTPUT_KINDS, _multi_output),
+    CLIP_KIND: _dual_encoder,
 }
 # Kinds that BACKEND=optimum cannot serve (Qwen3 rerankers and classifiers load with torch whatever it says).
-_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS)
+_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND)
 
 
 def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
