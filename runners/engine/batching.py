@@ -107,9 +107,11 @@ class CostModel:
         return cls(*best[1])
 
 
-# Before a model is timed: a pass costs as much as 64 padded tokens (CPU-like; measured for MiniLM
-# on 2 cores, README's performance page), attention's width term ignored.
+# Before a model is timed, in padded-token units: on a CPU a pass costs about as much as 64 padded
+# tokens (all-MiniLM-L6-v2 on 2 cores: ~3 ms a pass, ~0.04 ms a token); on a GPU a pass's fixed
+# cost dwarfs its tokens. Attention's width term is left to the fit.
 DEFAULT_COST = CostModel(fixed=64.0, per_token=1.0)
+DEFAULT_GPU_COST = CostModel(fixed=16384.0, per_token=1.0)
 POOL_BATCHES = 2  # the pool holds up to this many batches' worth of items (the look-ahead of the sort)
 NEAR_UNIFORM = 0.1  # a pool whose padding in one sorted batch is under this share of its tokens is not cut
 

@@ -29,18 +29,20 @@ KEPT_SAMPLES = 512  # the newest batch timings a refit reads
 def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens: int,
             budget: int) -> list[tuple[int, int, float]]:
     """(items, width, seconds) of forward passes over rows cut from one long tokenized input: one
-    untimed pass (the first pass of a model pays for allocations), then one per shape."""
+    untimed pass (the first pass of a model pays for allocations), then the fastest of two per shape."""
     words = " ".join(["a"] * max(SHAPES, key=lambda s: s[1])[1])
     text: Any = (words, words) if isinstance(probe[0], tuple) else words
     ((row, length),) = codec.split(replica.encode_pre([text]))
     out: list[tuple[int, int, float]] = []
     spent = 0.0
-    for k, (n, width) in enumerate(SHAPES):
+    warm = False
+    for n, width in SHAPES:
         width = min(width, length, max_tokens)
         if n * width > budget:
             continue
         features = codec.collate([{key: value[:width] for key, value in row.items()}] * n)
-        for _ in range(2 if k == 0 else 1):  # the last pass is the one timed
+        timings = []
+        for _ in range(2 if warm else 3):
             started = time.perf_counter()
             try:
                 replica.encode_post(replica.encode_core(features))
@@ -49,9 +51,10 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
                     raise
                 free_device_memory()  # wider shapes would not fit either
                 return out
-            elapsed = time.perf_counter() - started
-            spent += elapsed
-        out.append((n, width, elapsed))
+            timings.append(time.perf_counter() - started)
+            spent += timings[-1]
+        out.append((n, width, min(timings if warm else timings[1:])))
+        warm = True
         if spent > CALIBRATION_S:
             break
     return out
@@ -59,7 +62,8 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
 
 class CostSamples:
     """The newest batch timings of a serving model; `add` answers a refitted cost model every
-    REFIT_EVERY batches (None in between, or when the fit fails)."""
+    REFIT_EVERY batches (None in between, or when the fit fails). A busy neighbour only ever adds
+    time, so each batch shape counts with the fastest of its timings."""
 
     def __init__(self, start: Sequence[tuple[int, int, float]] = ()) -> None:
         self.samples: deque[tuple[int, int, float]] = deque(start, maxlen=KEPT_SAMPLES)
@@ -71,13 +75,18 @@ class CostSamples:
         if self._since < REFIT_EVERY:
             return None
         self._since = 0
-        return CostModel.fit(self.samples)
+        fastest: dict[tuple[int, int], float] = {}
+        for items, width, seconds in self.samples:
+            key = (items, width)
+            fastest[key] = min(seconds, fastest.get(key, seconds))
+        return CostModel.fit([(items, width, seconds) for (items, width), seconds in fastest.items()])
 
 
 def calibrate(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens: int, budget: int,
-              name: str) -> tuple[CostModel, list[tuple[int, int, float]]]:
-    """The model's cost model and the timings it came from, or the default when it cannot be timed
-    (a replica that refuses the synthetic input or runs out of memory)."""
+              name: str, default: CostModel = DEFAULT_COST) -> tuple[CostModel, list[tuple[int, int, float]]]:
+    """The model's cost model and the timings it came from, or `default` when it cannot be timed
+    (a replica that refuses the synthetic input or runs out of memory, or a device too slow or too
+    busy to time two shapes within CALIBRATION_S: the batches' own timings refit it soon)."""
     started = time.perf_counter()
     try:
         timed = samples(replica, codec, probe, max_tokens, budget)
@@ -85,8 +94,8 @@ def calibrate(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_token
         free_device_memory()
         log.warning("model %s: forward passes could not be timed (%s: %s); batches cut by the default cost model",
                     name, type(exc).__name__, exc)
-        return DEFAULT_COST, []
-    cost = CostModel.fit(timed) or DEFAULT_COST
+        return default, []
+    cost = CostModel.fit(timed) or default
     log.info("model %s: cost model from %d timed passes in %.2fs: %.2f ms a pass + %.4f ms a padded token + "
              "%.6f ms a token x width", name, len(timed), time.perf_counter() - started, cost.fixed * 1e3,
              cost.per_token * 1e3, cost.per_pair * 1e3)

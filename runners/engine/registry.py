@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runners import metrics
+from runners.engine.batching import DEFAULT_COST, DEFAULT_GPU_COST
 from runners.engine.calibration import CostSamples, calibrate
-from runners.engine.devices import default_batch_tokens, process_torch_threads, single_thread_tokens, torch_on_cpu
+from runners.engine.devices import default_batch_tokens, on_gpu, process_torch_threads, single_thread_tokens, torch_on_cpu
 from runners.engine.health import HEALTH
 from runners.engine.scheduler import ModelScheduler
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
@@ -116,7 +117,7 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         cpu_threads=process_torch_threads() if torch_on_cpu(replica, settings) else 0,
     )
     scheduler.cost, timed = calibrate(replica, scheduler.codec, probe, card.max_tokens, scheduler.budget.limit,
-                                      spec.served_name)
+                                      spec.served_name, DEFAULT_GPU_COST if on_gpu(settings) else DEFAULT_COST)
     scheduler.timings = CostSamples(timed)
     return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
