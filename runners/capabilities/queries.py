@@ -9,6 +9,15 @@ from runners.vocabulary import DENSE
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """`chunking`: embed a long text in windows (runners.capabilities.long_inputs)."""
+
+    size: int | None = None  # tokens per chunk, the model's special tokens included; None: the model's window
+    overlap: int = 0  # text tokens shared by neighbouring chunks
+    pooling: str = "mean"  # "mean": one vector per input; "none": every chunk's vector and spans
+
+
+@dataclass(frozen=True)
 class EmbedQuery:
     texts: list[str] | None
     token_ids: list[list[int]] | None
@@ -25,6 +34,8 @@ class EmbedQuery:
     prompt_name: str | None = None  # a key of the model's prompts (TEI)
     outputs: tuple[str, ...] = (DENSE,)  # vocabulary.OUTPUTS; the first is `embedding`
     sparse_top_k: int | None = None
+    chunking: Chunking | None = None
+    late_chunking: bool = False  # the inputs are consecutive pieces of one document
 
 
 @dataclass(frozen=True)
