@@ -35,6 +35,11 @@ Then three parts about the batch scheduler (issue 12), each skippable:
                    (bench/bare_service.py, with and without OpenTelemetry), loaded by Debian's wrk
                    (bench/wrk.py; 64 connections for req/s, 1 for p50/p99), after the servers above
                    have stopped. Without wrk these rows are skipped unless --load-client httpx|auto.
+
+And one about inputs longer than the window (issue 21):
+- long_inputs (--skip-long-inputs): tokens/s of chunked and late-chunked long documents next to plain
+                   texts, and one 100,000-token document beside one-text queries, on a service of its
+                   own (bench/long_inputs.py; alone: `python -m bench.long_inputs`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, se
 from bench.forward import gap_report, raw_forward  # noqa: E402
 from bench.latency import hol_part, one_client_p50  # noqa: E402
 from bench.load import LoadClient, LoadTarget, resolve_load_client, summarize_points  # noqa: E402
+from bench.long_inputs import add_arguments as long_input_arguments  # noqa: E402
+from bench.long_inputs import long_inputs_part  # noqa: E402
 from bench.report import count_errors, plot, tables  # noqa: E402
 from bench.sweep import sweep_report, sweep_rounds, wrk_sweep  # noqa: E402
 from bench.systems import (  # noqa: E402
@@ -100,7 +107,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "device": args.device,
         "model_path": path,
-        "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost},
+        "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost,
+                  "long_inputs": not args.skip_long_inputs},
         "load": {
             "request": "one sentence per request (POST body {'input': [text], 'model': …})",
             "concurrency": args.concurrency,
@@ -254,6 +262,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif not args.skip_zero_cost:
         result["zero_cost"] = {"skipped": skipped.get("wrk", "no load client")}
 
+    if not args.skip_long_inputs and not interrupted:
+        print("long inputs: chunked throughput …", flush=True)
+        try:
+            result["long_inputs"] = await long_inputs_part(args, logs)
+        except asyncio.CancelledError:
+            interrupted.append("long_inputs")
+
     if skipped:
         result["skipped"] = skipped
     if interrupted:
@@ -311,6 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="bulk alone + bulk with queries, times, alternating which goes first (default 2 CPU, 3 GPU)")
     parts.add_argument("--forward-runs", type=int, default=None, help="raw forward passes (default 200 CPU, 500 GPU)")
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
+    long_input_arguments(parser)
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.png")
     parser.add_argument("--logs", type=Path, default=ROOT / "reports", help="folder for the servers' logs")
     args = parser.parse_args(argv)
@@ -338,7 +354,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency, args.rounds, args.seconds = [1], 1, 1.5
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
-        args.skip_zero_cost = args.skip_hol = True
+        args.skip_zero_cost = args.skip_hol = args.skip_long_inputs = True
         args.forward_runs, args.forward_seconds = 50, 1.0
     return args
 

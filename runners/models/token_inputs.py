@@ -195,7 +195,7 @@ class OnnxTokenInputs(TokenInputs):
     """runners.models.onnx.OnnxEmbedder: its `encode_core` already returns the hidden states."""
 
     def _states(self, features: dict[str, Any]) -> tuple[Any, Any]:
-        core = super().encode_core(features)  # type: ignore[misc]
+        core = super(TokenInputs, self).encode_core(features)  # type: ignore[misc]  # the replica's own
         return core, core[0]
 
 
