@@ -185,8 +185,8 @@ def test_truncation_is_refused_or_visible(url, reference):
     cohere = post(url, "/v2/embed", {"texts": [TEXT, "short"], "input_type": "search_document"})
     assert cohere.headers["x-truncated-inputs"] == "1" and "1 of 2 texts" in cohere.json()["meta"]["warnings"][0]
     # chunking reads everything: nothing is cut
-    chunked = post(url, "/v2/embed", {"texts": [TEXT], "chunking": True, "embedding_types": ["float", "int8"]})
-    assert "x-truncated-inputs" not in chunked.headers and len(chunked.json()["embeddings"]["int8"][0]) == 384
+    chunked = post(url, "/v2/embed", {"texts": [TEXT], "chunking": True, "embedding_types": ["float", "ubinary"]})
+    assert "x-truncated-inputs" not in chunked.headers and len(chunked.json()["embeddings"]["ubinary"][0]) == 48
 
 
 @pytest.mark.parametrize("path,body,status,needle", [

@@ -3,6 +3,7 @@ prompts and labels, and its own tokenizer (for counting, decoding and TEI's `/to
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -38,6 +39,10 @@ class ModelCard:
     load_seconds: float = 0.0
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _frame: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, init=False, repr=False)
+    # Long texts (chunking, late chunking) are tokenized by a copy of their own: a 100,000-token text takes
+    # a second or more, and the other requests' counting and decoding must not wait for it.
+    _long_tokenizer: Any = field(default=None, init=False, repr=False)
+    _long_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def card_fields(self) -> dict[str, Any]:
         """This card's fields, to build a subclass (the engine's LoadedModel) from it."""
@@ -58,8 +63,11 @@ class ModelCard:
 
     def token_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Each text's token ids without special tokens, and each token's character span (start, end)."""
-        with self._tokenizer_lock:
-            enc = self.tokenizer(texts, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+        with self._long_lock:
+            if self._long_tokenizer is None:
+                with self._tokenizer_lock:
+                    self._long_tokenizer = copy.deepcopy(self.tokenizer)
+            enc = self._long_tokenizer(texts, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
     def special_frame(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
