@@ -39,6 +39,11 @@ Then parts about the batch scheduler (issues 12 and 19), each skippable:
                    have stopped. Without wrk these rows are skipped unless --load-client httpx|auto.
 - images (--skip-images): images/s at 1 and 16 clients, one JPEG a request, the service serving the
                    tiny CLIP of the tests or --images-model (bench/images.py, issue 20).
+
+And one about inputs longer than the window (issue 21):
+- long_inputs (--skip-long-inputs): tokens/s of chunked and late-chunked long documents next to plain
+                   texts, and one 100,000-token document beside one-text queries, on a service of its
+                   own (bench/long_inputs.py; alone: `python -m bench.long_inputs`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ from bench.forward import gap_report, raw_forward  # noqa: E402
 from bench.images import images_part  # noqa: E402
 from bench.latency import hol_part, one_client_p50  # noqa: E402
 from bench.load import LoadClient, LoadTarget, resolve_load_client, summarize_points  # noqa: E402
+from bench.long_inputs import add_arguments as long_input_arguments  # noqa: E402
+from bench.long_inputs import long_inputs_part  # noqa: E402
 from bench.mixed import SYSTEMS as MIXED_SYSTEMS  # noqa: E402
 from bench.mixed import add_arguments as add_mixed_arguments  # noqa: E402
 from bench.mixed import mixed_part  # noqa: E402
@@ -109,7 +116,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "model_path": path,
         "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost,
-                  "images": not args.skip_images},
+                  "images": not args.skip_images,
+                  "long_inputs": not args.skip_long_inputs},
         "load": {
             "request": "one sentence per request (POST body {'input': [text], 'model': …})",
             "concurrency": args.concurrency,
@@ -282,6 +290,12 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         except asyncio.CancelledError:
             result["images"] = {"skipped": "interrupted (SIGINT)", "interrupted": True}
             interrupted.append("images")
+    if not args.skip_long_inputs and not interrupted:
+        print("long inputs: chunked throughput …", flush=True)
+        try:
+            result["long_inputs"] = await long_inputs_part(args, logs)
+        except asyncio.CancelledError:
+            interrupted.append("long_inputs")
 
     if skipped:
         result["skipped"] = skipped
@@ -345,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts.add_argument("--forward-runs", type=int, default=None, help="raw forward passes (default 200 CPU, 500 GPU)")
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
     add_mixed_arguments(parser)
+    long_input_arguments(parser)
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.png")
     parser.add_argument("--logs", type=Path, default=ROOT / "reports", help="folder for the servers' logs")
     args = parser.parse_args(argv)
@@ -380,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency, args.rounds, args.seconds = [1], 1, 1.5
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
-        args.skip_zero_cost = args.skip_hol = args.skip_images = True
+        args.skip_zero_cost = args.skip_hol = args.skip_images = args.skip_long_inputs = True
         args.forward_runs, args.forward_seconds = 50, 1.0
     return args
 

@@ -79,6 +79,7 @@ class Settings:
     max_items: int = 2048
     max_chars: int = 100_000
     max_token_vector_mb: int = 64
+    max_chunks_per_input: int = 256
     max_body_bytes: int = 16 * 1024 * 1024
     request_timeout_s: float = 120.0
     stall_timeout_s: float = 300.0
@@ -328,6 +329,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
         max_token_vector_mb=_int(env, "MAX_TOKEN_VECTORS_MB", 64),
+        max_chunks_per_input=_int(env, "MAX_CHUNKS_PER_INPUT", 256),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),
         request_timeout_s=_float(env, "REQUEST_TIMEOUT", 120.0),
         stall_timeout_s=_float(env, "MODEL_STALL_TIMEOUT", 300.0),

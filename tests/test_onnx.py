@@ -68,6 +68,35 @@ def test_int8_close_to_torch_and_keeps_the_top_result(cache, torch_vectors):
     assert list((q8 @ d8.T).argmax(1)) == list((qt @ dt.T).argmax(1)) == [0, 1, 2]
 
 
+def test_onnx_replica_takes_chunking_late_chunking_and_gives_token_vectors(cache):
+    """runners.models.token_inputs on the ONNX replica: windows as token ids, token vectors from its hidden states."""
+    from runners.capabilities.queries import Chunking
+    from runners.vocabulary import TOKENS
+
+    long = " ".join(DOCS * 12)
+
+    async def run() -> None:
+        service = InferenceService(load_settings({"BACKEND": "optimum", "ONNX_QUANTIZATION": "fp32",
+                                                  "ONNX_CACHE_DIR": str(cache), "MODEL_WARMUP": "false"}))
+        await service.start()
+        try:
+            plain = (await service.embed(EmbedQuery(texts=DOCS[:2], token_ids=None)))["data"]
+            chunked = (await service.embed(EmbedQuery(texts=DOCS[:2] + [long], token_ids=None,
+                                                      chunking=Chunking(pooling="none"))))["data"]
+            for p, c in zip(plain, chunked):  # a text within the window is one chunk: the text's own vector
+                assert np.dot(p["embedding"], c["chunks"][0]["embedding"]) >= 0.99999
+            assert len(chunked[2]["chunks"]) >= 2
+            tokens = (await service.embed(EmbedQuery(texts=DOCS[:1], token_ids=None, outputs=(TOKENS,))))["data"]
+            mean = np.asarray(tokens[0]["embedding"]).mean(0)
+            assert np.dot(mean / np.linalg.norm(mean), plain[0]["embedding"]) >= 0.99999  # mean pooling
+            late = (await service.embed(EmbedQuery(texts=DOCS, token_ids=None, late_chunking=True)))["data"]
+            assert len(late) == len(DOCS)
+        finally:
+            await service.stop()
+
+    asyncio.run(run())
+
+
 def test_optimum_backend_serves_over_http(start_server, cache):
     server = start_server({"BACKEND": "optimum", "ONNX_CACHE_DIR": str(cache)})
     res = httpx.post(server.url + "/v1/embeddings", json={"input": ["hello world"]}).json()

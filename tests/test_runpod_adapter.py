@@ -190,6 +190,30 @@ def test_embed_quantized_ubinary_job(worker: Worker, reference: Any) -> None:
     assert [d["embedding"] for d in body["data"]] == expected.tolist()
 
 
+def test_embed_job_with_chunking(worker: Worker, reference: Any) -> None:
+    import torch
+
+    text = " ".join(f"{DOCS[i % len(DOCS)]} (note {i})." for i in range(40))  # ~500 tokens: over the window
+    ids = reference.tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = completed(worker.runsync({"input": text, "chunking": {"size": 128, "overlap": 8, "pooling": "none"}}))
+    chunks = body["data"][0]["chunks"]
+    assert chunks[0]["start_token"] == 0 and chunks[-1]["end_token"] == len(ids) > 256
+    for c in chunks:  # each chunk: the model's vector of its own tokens between [CLS] and [SEP]
+        row = [reference.tokenizer.cls_token_id, *ids[c["start_token"]:c["end_token"]], reference.tokenizer.sep_token_id]
+        with torch.inference_mode():
+            want = reference.forward({"input_ids": torch.tensor([row]), "attention_mask": torch.ones(1, len(row)),
+                                      "token_type_ids": torch.zeros(1, len(row), dtype=torch.long)})
+        assert cosine(np.asarray(c["embedding"]), want["sentence_embedding"][0].numpy()) >= 0.999
+    mean = completed(worker.runsync({"input": text, "chunking": True}))
+    assert len(mean["data"][0]["embedding"]) == 384 and "truncated" not in mean["usage"]
+    cut = completed(worker.runsync({"input": [text, "short"]}))
+    assert cut["usage"]["truncated"] == 1  # the job's output says what truncation cut
+    late = completed(worker.runsync({"input": ["One piece.", "Another piece."], "late_chunking": True}))
+    assert len(late["data"]) == 2
+    error = failed(worker.runsync({"input": text, "truncate": False}), 413)
+    assert "at most 256 tokens" in error and "chunking" in error
+
+
 def test_openai_embeddings_token_ids(worker: Worker, reference: Any) -> None:
     ids = reference.tokenizer("token ids in", add_special_tokens=False)["input_ids"]
     [body] = completed(worker.runsync({"openai_route": "/v1/embeddings", "openai_input": {"input": [ids]}}))

@@ -9,6 +9,7 @@ from typing import Any
 
 from runners.api import tei
 from runners.api.context import inference
+from runners.api.responses import with_truncation
 from runners.api.schemas import (
     ClassifyRequest,
     CohereEmbedRequest,
@@ -25,8 +26,9 @@ async def models(query: Mapping[str, str]) -> dict[str, Any]:
     return inference().models()
 
 
-async def embed(body: EmbeddingRequest) -> dict[str, Any]:
-    return await inference().embed(body.to_query())
+async def embed(body: EmbeddingRequest) -> Any:
+    result = await inference().embed(body.to_query())
+    return with_truncation(result, result["usage"].get("truncated", 0))
 
 
 async def rerank(body: RerankRequest) -> Any:
@@ -45,8 +47,8 @@ async def v2_rerank(body: V2RerankRequest) -> dict[str, Any]:
     return await inference().rerank(body.to_query(), "v2")
 
 
-async def v2_embed(body: CohereEmbedRequest) -> dict[str, Any]:
-    return await inference().cohere_embed(body.to_query())
+async def v2_embed(body: CohereEmbedRequest) -> Any:
+    return with_truncation(*await inference().cohere_embed_counted(body.to_query()))
 
 
 async def classify(body: ClassifyRequest) -> dict[str, Any]:

@@ -44,6 +44,14 @@ class JSONBody(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+TRUNCATED_HEADER = "X-Truncated-Inputs"  # how many inputs the model read only the first tokens of
+
+
+def with_truncation(content: Any, truncated: int) -> Any:
+    """An embedding answer; when truncation cut some inputs, a response that says how many in its header."""
+    return JSONBody(content, headers={TRUNCATED_HEADER: str(truncated)}) if truncated else content
+
+
 def envelope_for(status: int, body: bytes) -> ServiceError:
     """BentoML's own error body → our error type with a message that says what to do."""
     try:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
-from runners.capabilities.queries import ClassifyQuery, EmbedQuery, Part, RerankQuery
+from runners.capabilities.queries import Chunking, ClassifyQuery, EmbedQuery, Part, RerankQuery
 from runners.vocabulary import DENSE, EMBEDDING_TYPES, IMAGE, MODALITIES, OUTPUTS, TEXT
 
 Modality = Literal[MODALITIES]  # type: ignore[valid-type]
@@ -60,6 +60,26 @@ TokenIds = list[StrictInt]
 EmbeddingInput = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds], list[InputObject]]
 
 
+class ChunkingOptions(JsonRequest):
+    """`chunking`: embed a text longer than the window in windows (docs/api.md, long inputs)."""
+
+    size: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="tokens per chunk, the model's special tokens included (default: the model's window)")
+    overlap: Annotated[int, Field(ge=0)] = Field(0, description="text tokens shared by neighbouring chunks")
+    pooling: Literal["mean", "none"] = Field(
+        "mean", description="mean: one vector per input, the chunks' token-weighted mean; none: every chunk's "
+                            "vector with its token and character spans")
+
+
+def chunking_of(value: ChunkingOptions | bool | None) -> Chunking | None:
+    """`chunking: true` means the defaults; false or null: none."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Chunking()
+    return Chunking(size=value.size, overlap=value.overlap, pooling=value.pooling)
+
+
 class EmbeddingRequest(JsonRequest):
     """`POST /embed`, `POST /v1/embeddings` and the RunPod embed job."""
 
@@ -80,6 +100,11 @@ class EmbeddingRequest(JsonRequest):
                              "the first is `embedding`, the others `sparse_embedding` / `token_embeddings` / `dense_embedding`")
     sparse_top_k: Annotated[int, Field(ge=1)] | None = Field(None, description="keep the k largest sparse weights")
     truncate: bool = True
+    chunking: ChunkingOptions | bool | None = Field(
+        None, description="{size?, overlap?: 0, pooling?: mean/none}: a text longer than the window is embedded in "
+                          "windows; true: the defaults")
+    late_chunking: bool = Field(False, description="the inputs are consecutive pieces of one document: each piece's "
+                                                   "vector is pooled from one pass over the whole document")
     user: str | None = None
 
     @field_validator("input_type")
@@ -116,6 +141,8 @@ class EmbeddingRequest(JsonRequest):
             embedding_types=(self.embedding_type,),
             outputs=(self.output,) if isinstance(self.output, str) else tuple(dict.fromkeys(self.output)) or (DENSE,),
             sparse_top_k=self.sparse_top_k,
+            chunking=chunking_of(self.chunking),
+            late_chunking=self.late_chunking,
         )
 
 
@@ -172,6 +199,8 @@ class CohereEmbedRequest(JsonRequest):
     embedding_types: list[EmbeddingType] = Field(default_factory=lambda: ["float"])
     output_dimension: Annotated[int, Field(ge=1)] | None = None
     truncate: Literal["NONE", "START", "END"] = "END"
+    chunking: ChunkingOptions | bool | None = Field(None, description="not in Cohere: as on /embed (pooling mean)")
+    late_chunking: bool = Field(False, description="not in Cohere: as on /embed")
 
     @field_validator("input_type")
     @classmethod
@@ -204,6 +233,8 @@ class CohereEmbedRequest(JsonRequest):
             truncate=self.truncate != "NONE",
             truncate_left=self.truncate == "START",
             embedding_types=tuple(dict.fromkeys(self.embedding_types)) or ("float",),
+            chunking=chunking_of(self.chunking),
+            late_chunking=self.late_chunking,
         )
 
 

@@ -23,6 +23,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from runners import metrics
 from runners.api.context import inference
+from runners.api.responses import with_truncation
 from runners.api.tei_schemas import (
     TeiDecodeRequest,
     TeiEmbedRequest,
@@ -42,8 +43,9 @@ from runners.vocabulary import CLASSIFY, EMBED, QWEN3_YES_NO, RERANK, SPARSE, SP
 TEI_VERSION = "1.8.0"  # the TEI API version whose shapes these routes follow
 
 
-async def embed(body: TeiEmbedRequest) -> list[list[float]]:
-    return [row["embedding"] for row in (await inference().embed(body.to_query()))["data"]]
+async def embed(body: TeiEmbedRequest) -> Any:
+    result = await inference().embed(body.to_query())
+    return with_truncation([row["embedding"] for row in result["data"]], result["usage"].get("truncated", 0))
 
 
 async def rerank(body: TeiRerankRequest) -> list[dict[str, Any]]:

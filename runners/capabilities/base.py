@@ -69,12 +69,13 @@ class Capability:
         for i, n in enumerate(lengths):
             if n > model.max_tokens:
                 raise PayloadTooLarge(
-                    f"'{param}[{i}]' has {n} tokens; model {model.name!r} reads at most {model.max_tokens}: "
-                    "shorten it or send truncate: true",
+                    f"'{param}[{i}]' has {n} tokens and truncate is off; model {model.name!r} reads at most "
+                    f"{model.max_tokens} tokens (its window, special tokens included): send chunking: "
+                    '{"pooling": "mean"} (or "none") on /embed, /v1/embeddings or /v2/embed to embed it in windows, '
+                    "truncate: true to embed its first tokens, or a shorter text",
                     param=param,
                     code="text_too_long",
                 )
-
 
     @staticmethod
     def _check_vocabulary(model: LoadedModel, ids: list[list[int]], param: str, allow_empty: bool = False) -> None:

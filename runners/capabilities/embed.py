@@ -1,26 +1,50 @@
 """Embedding: the request's texts as the model reads them (ids decoded, prompted, truncated, checked),
-dense vectors shaped as asked (dimensions, normalization, quantized types, base64), and the
-sparse and token outputs of multi-output models, from one forward pass."""
+dense vectors shaped as asked (dimensions, normalization, quantized types, base64), the sparse and
+token outputs of multi-output models from one forward pass (token vectors of ordinary embedding
+models too), and inputs longer than the window (chunking, late chunking: runners.capabilities.long_inputs)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from runners.capabilities import quantize
-from runners.capabilities.base import Capability
 from runners.capabilities.calibration_corpus import CALIBRATION_TEXTS
+from runners.capabilities.long_inputs import LongInputs
 from runners.capabilities.queries import EmbedQuery
 from runners.engine.registry import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
+from runners.models.token_inputs import TokenRequest
 from runners.vocabulary import DENSE, EMBED, OUTPUT_CAPABILITY, OUTPUT_KEYS, SPARSE, TOKENS, UNSPECIFIED_MODELS
 
 
-class Embedding(Capability):
+class Dense(NamedTuple):
+    model: LoadedModel
+    vectors: np.ndarray  # one row per input, shaped as the request asks
+    usage: int  # tokens the model read
+    truncated: int = 0  # inputs longer than the window, of which the model read the first tokens only
+
+
+def usage_of(tokens: int, truncated: int = 0) -> dict[str, int]:
+    """The OpenAI `usage`, with `truncated` (inputs cut to the window) when there were any."""
+    return {"prompt_tokens": tokens, "total_tokens": tokens, **({"truncated": truncated} if truncated else {})}
+
+
+def outputs_of(model: LoadedModel) -> tuple[str, ...]:
+    """What `output` may ask of a model: a multi-output model's own outputs; dense for an embedding model,
+    and its token vectors when its replica takes token inputs (runners.models.token_inputs)."""
+    if model.outputs:
+        return model.outputs
+    if EMBED not in model.capabilities:
+        return ()
+    return (DENSE, TOKENS) if model.token_inputs else (DENSE,)
+
+
+class Embedding(LongInputs):
     _calibrations: dict[str, quantize.Calibration]
     _calibration_lock: asyncio.Lock
 
@@ -32,23 +56,25 @@ class Embedding(Capability):
         embeddings, usage = await self.registry.run(model, EMBED, texts)
         return np.asarray(np.stack(embeddings), dtype=np.float32), int(usage)
 
-    async def _cut_start(self, model: LoadedModel, texts: list[str], prompt: str = "") -> list[str]:
+    async def _cut_start(self, model: LoadedModel, texts: list[str], prompt: str = "") -> tuple[list[str], int]:
         """Truncation from the left (TEI `truncation_direction: left`, Cohere `truncate: START`): a text
         longer than the model's window keeps its last tokens, so the model reads its end (and the prompt
         that goes before it)."""
 
-        def cut() -> list[str]:
+        def cut() -> tuple[list[str], int]:
             reserved = len(model.tokenize([prompt], special=True)[0]) if prompt else len(model.tokenize([""])[0])
             room = model.max_tokens - reserved
             rows = model.tokenize(texts, special=False)
-            if all(len(row) <= room for row in rows):
-                return texts
-            return [t if len(row) <= room else model.decode([row[len(row) - room:]])[0] for t, row in zip(texts, rows)]
+            long = sum(len(row) > room for row in rows)
+            if not long:
+                return texts, 0
+            return [t if len(row) <= room else model.decode([row[len(row) - room:]])[0]
+                    for t, row in zip(texts, rows)], long
 
         return await asyncio.to_thread(cut)
 
-    async def _texts(self, model: LoadedModel, q: EmbedQuery) -> list[str]:
-        """The request's texts as the model reads them: ids decoded, checked, prompted, truncated."""
+    async def _inputs(self, model: LoadedModel, q: EmbedQuery) -> tuple[list[str], str]:
+        """The request's texts (ids decoded, checked) and the model's prompt for them."""
         if q.token_ids is not None:
             self._check_count(len(q.token_ids), "input")  # before decoding thousands of rows
             texts = await self._texts_from_ids(model, q.token_ids)
@@ -60,14 +86,22 @@ class Embedding(Capability):
                 f"dimensions={q.dimensions} is larger than the {model.dimensions} dimensions of {model.name!r}",
                 param="dimensions",
             )
-        prompt = self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+        return texts, self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+
+    async def _texts(self, model: LoadedModel, q: EmbedQuery) -> tuple[list[str], int]:
+        """The request's texts as the model reads them (ids decoded, checked, prompted, truncated), and how
+        many of them truncation cuts."""
+        texts, prompt = await self._inputs(model, q)
+        truncated = 0
         if q.truncate and q.truncate_left:
-            texts = await self._cut_start(model, texts, prompt)
+            texts, truncated = await self._cut_start(model, texts, prompt)
         if prompt:
             texts = [prompt + t for t in texts]
         if not q.truncate:
             await self._reject_long(model, texts, "input")
-        return texts
+        elif not q.truncate_left:
+            truncated = await self.count_long(model, texts)
+        return texts, truncated
 
     @staticmethod
     def _shape(vectors: np.ndarray, q: EmbedQuery) -> np.ndarray:
@@ -81,12 +115,54 @@ class Embedding(Capability):
 
     async def embed_matrix(self, q: EmbedQuery) -> tuple[LoadedModel, np.ndarray, int]:
         """The request's vectors (after `dimensions` and normalization) and the tokens the model read."""
+        dense = await self.dense(q)
+        return dense.model, dense.vectors, dense.usage
+
+    async def dense(self, q: EmbedQuery) -> Dense:
+        """One vector per input (chunking "mean" and late chunking too), shaped as the request asks."""
         model = self.registry.resolve(q.model, EMBED)
-        texts = await self._texts(model, q)
-        vectors, usage = await self.embed_vectors(model, texts)
+        truncated = 0
+        if q.late_chunking or q.chunking is not None:
+            self._check_long_query(model, q)
+            texts, prompt = await self._inputs(model, q)
+            if q.late_chunking:
+                vectors, usage = await self.late_chunk_vectors(model, texts, prompt)
+            else:
+                if q.chunking.pooling == "none":
+                    raise BadRequest("chunking.pooling none answers every chunk's vector, which this route's answer "
+                                     "cannot carry: use /embed or /v1/embeddings, or pooling mean",
+                                     param="chunking.pooling", code="invalid_chunking")
+                chunks, vectors, usage = await self.chunk_vectors(model, texts, prompt, q.chunking)
+                vectors = self._mean_of_chunks(chunks, self._shape(vectors, q), len(texts))
+        else:
+            texts, truncated = await self._texts(model, q)
+            vectors, usage = await self.embed_vectors(model, texts)
         vectors = self._shape(vectors, q)
         self._account(model, EMBED, len(texts), usage)
-        return model, vectors, usage
+        return Dense(model, vectors, usage, truncated)
+
+    @staticmethod
+    def _mean_of_chunks(chunks: list[Any], vectors: np.ndarray, inputs: int) -> np.ndarray:
+        """Per input, its chunks' vectors averaged with weights = their text tokens."""
+        weights = np.asarray([max(c.end_token - c.start_token, 1) for c in chunks], dtype=np.float64)
+        owner = np.asarray([c.input for c in chunks])
+        sums = np.zeros((inputs, vectors.shape[1]), dtype=np.float64)
+        np.add.at(sums, owner, vectors * weights[:, None])
+        return (sums / np.bincount(owner, weights=weights, minlength=inputs)[:, None]).astype(np.float32)
+
+    async def embed_chunks(self, q: EmbedQuery) -> dict[str, Any]:
+        """`chunking.pooling: none`: per input, every chunk's vector (shaped and encoded as asked) and spans."""
+        model = self.registry.resolve(q.model, EMBED)
+        self._check_long_query(model, q)
+        texts, prompt = await self._inputs(model, q)
+        chunks, vectors, usage = await self.chunk_vectors(model, texts, prompt, q.chunking)
+        encoded = await self.encoded(model, self._shape(vectors, q), q, q.embedding_types[0],
+                                     q.encoding_format == "base64")
+        self._account(model, EMBED, len(texts), usage)
+        data: list[dict[str, Any]] = [{"object": "embedding", "index": i, "chunks": []} for i in range(len(texts))]
+        for chunk, embedding in zip(chunks, encoded):
+            data[chunk.input]["chunks"].append({"embedding": embedding, **chunk.spans()})
+        return {"object": "list", "model": model.name, "data": data, "usage": usage_of(usage)}
 
     async def encoded(self, model: LoadedModel, vectors: np.ndarray, q: EmbedQuery, embedding_type: str,
                       base64_out: bool = False) -> list[Any]:
@@ -112,34 +188,39 @@ class Embedding(Capability):
         return self._calibrations[model.name]
 
     async def embed(self, q: EmbedQuery) -> dict[str, Any]:
-        if q.outputs != (DENSE,):
+        if q.chunking is not None and q.chunking.pooling == "none":
+            return await self.embed_chunks(q)
+        if q.outputs != (DENSE,) and q.chunking is None and not q.late_chunking:
             return await self.embed_outputs(q)
-        model, vectors, usage = await self.embed_matrix(q)
-        data = await self.encoded(model, vectors, q, q.embedding_types[0], q.encoding_format == "base64")
+        dense = await self.dense(q)
+        data = await self.encoded(dense.model, dense.vectors, q, q.embedding_types[0], q.encoding_format == "base64")
         return {
             "object": "list",
-            "model": model.name,
+            "model": dense.model.name,
             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-            "usage": {"prompt_tokens": usage, "total_tokens": usage},
+            "usage": usage_of(dense.usage, dense.truncated),
         }
 
     # ---- sparse and token outputs (runners.models.multi_output) ----
 
     def _model_with(self, name: str | None, outputs: tuple[str, ...]) -> LoadedModel:
         """The named model if it gives every asked output, else the first model that does."""
-        def gives(m: LoadedModel) -> bool:
-            return all(o in m.outputs or (o == DENSE and EMBED in m.capabilities) for o in outputs)
+        def gives(m: LoadedModel, ordinary: bool = True) -> bool:
+            has = outputs_of(m) if ordinary or m.outputs else outputs_of(m)[:1]
+            return all(o in has for o in outputs)
 
         if name and name not in UNSPECIFIED_MODELS:
             model = self.registry.find(name)
             if not gives(model):
-                has = ", ".join(model.outputs or ((DENSE,) if EMBED in model.capabilities else ())) or "none"
+                has = ", ".join(outputs_of(model)) or "none"
                 raise BadRequest(f"model {model.name!r} cannot give {'+'.join(outputs)} outputs (its outputs: {has})",
                                  param="output", code="unsupported_capability")
             return model
-        for model in self.registry.models:
-            if gives(model):
-                return model
+        # Unnamed: a model whose checkpoint has the outputs first (BGE-M3, ColBERT), then an ordinary one.
+        for ordinary in (False, True):
+            for model in self.registry.models:
+                if gives(model, ordinary):
+                    return model
         self.registry.resolve(None, OUTPUT_CAPABILITY[outputs[-1]])  # raises "still loading" or "none can"
         raise BadRequest(f"no served model gives {'+'.join(outputs)} outputs together: serve a model that has them all "
                          "(BGE-M3 has dense, sparse and tokens)", param="output", code="unsupported_capability")
@@ -150,12 +231,17 @@ class Embedding(Capability):
         from runners.models.multi_output import MultiInput
 
         model = self._model_with(q.model, q.outputs)
-        texts = await self._texts(model, q)
+        texts, _ = await self._texts(model, q)
         if TOKENS in q.outputs:
             await self._check_token_vector_size(model, texts)
-        query = q.input_type == "query" or q.instruction is not None
-        results, usage = await self.registry.run(model, OUTPUT_CAPABILITY[q.outputs[0]],
-                                                 [MultiInput(t, q.outputs, query) for t in texts])
+        if model.outputs:
+            query = q.input_type == "query" or q.instruction is not None
+            inputs: list[Any] = [MultiInput(t, q.outputs, query) for t in texts]
+        else:  # an ordinary embedding model: its last-layer token vectors (runners.models.token_inputs)
+            inputs = [TokenRequest(text=t, tokens=True) for t in texts]
+        results, usage = await self.registry.run(model, OUTPUT_CAPABILITY[q.outputs[0]], inputs)
+        if not model.outputs:
+            results = [{DENSE: r.pooled, TOKENS: r.sums} for r in results]
         rows: list[dict[str, Any]] = []
         dense = self._shape(np.stack([r[DENSE] for r in results]).astype(np.float32), q) if DENSE in q.outputs else None
         for i, r in enumerate(results):
@@ -209,13 +295,23 @@ class Embedding(Capability):
                 "usage": {"prompt_tokens": usage, "total_tokens": usage}}
 
     async def cohere_embed(self, q: EmbedQuery) -> dict[str, Any]:
-        """Cohere's embed v2 response: one list of rows per asked type."""
-        model, vectors, usage = await self.embed_matrix(q)
-        embeddings = {t: await self.encoded(model, vectors, q, t) for t in q.embedding_types}
+        """Cohere's embed v2 response: one list of rows per asked type (`meta.warnings` says what truncation
+        cut)."""
+        return (await self.cohere_embed_counted(q))[0]
+
+    async def cohere_embed_counted(self, q: EmbedQuery) -> tuple[dict[str, Any], int]:
+        """Cohere's embed v2 response, and how many texts truncation cut (the route's header)."""
+        dense = await self.dense(q)
+        embeddings = {t: await self.encoded(dense.model, dense.vectors, q, t) for t in q.embedding_types}
+        meta: dict[str, Any] = {"api_version": {"version": "2"}, "billed_units": {"input_tokens": dense.usage}}
+        if dense.truncated:
+            meta["warnings"] = [f"{dense.truncated} of {len(dense.vectors)} texts were longer than the "
+                                f"{dense.model.max_tokens} tokens model {dense.model.name!r} reads and were cut "
+                                "(truncate: NONE refuses them; the chunking field embeds them whole)"]
         return {
             "id": str(uuid.uuid4()),
             "response_type": "embeddings_by_type",
             "embeddings": embeddings,
             "texts": list(q.texts or []),
-            "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": usage}},
-        }
+            "meta": meta,
+        }, dense.truncated

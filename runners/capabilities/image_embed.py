@@ -76,6 +76,9 @@ class ImageEmbedding(Embedding):
         """The inputs' vectors (after `dimensions` and normalization), the tokens read per modality, and
         what each image was (for Cohere's response)."""
         contents = q.contents or ()
+        if q.chunking is not None or q.late_chunking:
+            raise BadRequest("chunking and late_chunking cut long texts: send images and image+text inputs without them",
+                             param="chunking", code="invalid_chunking")
         self._check_count(len(contents), "input")
         parts = [part for input_parts in contents for part in input_parts]
         images = [p for p in parts if p.modality == IMAGE]

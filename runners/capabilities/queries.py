@@ -19,6 +19,15 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Chunking:
+    """`chunking`: embed a long text in windows (runners.capabilities.long_inputs)."""
+
+    size: int | None = None  # tokens per chunk, the model's special tokens included; None: the model's window
+    overlap: int = 0  # text tokens shared by neighbouring chunks
+    pooling: str = "mean"  # "mean": one vector per input; "none": every chunk's vector and spans
+
+
+@dataclass(frozen=True)
 class EmbedQuery:
     texts: list[str] | None
     token_ids: list[list[int]] | None
@@ -38,6 +47,8 @@ class EmbedQuery:
     # Images and mixed inputs (`modality: image`, Cohere's `images` and `inputs`, Jina's objects): each
     # input's parts; `texts` and `token_ids` are None then (runners.capabilities.image_embed).
     contents: tuple[tuple[Part, ...], ...] | None = None
+    chunking: Chunking | None = None
+    late_chunking: bool = False  # the inputs are consecutive pieces of one document
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, 
 from runners.models.card import ModelCard
 from runners.models.load import load_card
 from runners.settings import ModelSpec, Settings
-from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, RERANK, RERANK_PREFERENCE, UNSPECIFIED_MODELS
+from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, RERANK, RERANK_PREFERENCE, TOKENS, UNSPECIFIED_MODELS
 
 log = logging.getLogger("embed_rerank.engines")
 
@@ -83,7 +83,9 @@ class LoadedModel(ModelCard):
             "batch_tokens_now": self.scheduler.budget.current,
             "dimensions": self.dimensions,
             # What /embed's `output` may ask of this model (docs/api.md, sparse and multi-vector embeddings).
-            "outputs": list(self.outputs) or ([DENSE] if EMBED in self.capabilities else []),
+            "outputs": list(self.outputs) or ([DENSE, TOKENS] if self.token_inputs else
+                                              [DENSE] if EMBED in self.capabilities else []),
+            "pooling": self.pooling,  # "mean": late chunking works (docs/api.md, long inputs)
             "token_dimensions": self.token_dimensions,
             "max_tokens": self.max_tokens,
             "prompts": self.prompts,

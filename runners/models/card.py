@@ -3,6 +3,7 @@ prompts and labels, and its own tokenizer (for counting, decoding and TEI's `/to
 
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -35,8 +36,17 @@ class ModelCard:
     # of its own (`prepare` turns a decoded image into its input), and the tokens one image counts as.
     images: Any = None
     image_tokens: int | None = None
+    # The replica takes runners.models.token_inputs.TokenRequest items: token ids as they are, and last-layer
+    # token vectors per item (chunking, late chunking, token vectors of an ordinary embedding model).
+    token_inputs: bool = False
+    pooling: str | None = None  # mean, cls, max, lasttoken: the vector is that pooling of the token vectors, no more
     load_seconds: float = 0.0
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _frame: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, init=False, repr=False)
+    # Long texts (chunking, late chunking) are tokenized by a copy of their own: a 100,000-token text takes
+    # a second or more, and the other requests' counting and decoding must not wait for it.
+    _long_tokenizer: Any = field(default=None, init=False, repr=False)
+    _long_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def card_fields(self) -> dict[str, Any]:
         """This card's fields, to build a subclass (the engine's LoadedModel) from it."""
@@ -54,6 +64,27 @@ class ModelCard:
         # Fast tokenizers are not safe to share between threads; this copy is ours alone.
         with self._tokenizer_lock:
             return self.tokenizer(texts, add_special_tokens=special, truncation=False)["input_ids"]
+
+    def token_spans(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Each text's token ids without special tokens, and each token's character span (start, end)."""
+        with self._long_lock:
+            if self._long_tokenizer is None:
+                with self._tokenizer_lock:
+                    self._long_tokenizer = copy.deepcopy(self.tokenizer)
+            enc = self._long_tokenizer(texts, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+    def special_frame(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The special tokens the tokenizer puts before and after a text's own tokens ([CLS] and [SEP]
+        for BERT, the end-of-text token after a Qwen3 text): learnt once from a probe."""
+        if self._frame is None:
+            probe = "hello world"
+            full, body = self.tokenize([probe])[0], self.tokenize([probe], special=False)[0]
+            at = next((i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body), None)
+            if at is None:
+                raise ValueError(f"model {self.name!r}: its tokenizer changes a text's tokens when it adds special tokens")
+            self._frame = (tuple(full[:at]), tuple(full[at + len(body):]))
+        return self._frame
 
     def decode(self, ids: list[list[int]], skip_special: bool = True) -> list[str]:
         with self._tokenizer_lock:

@@ -152,13 +152,17 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
         replica = _infinity_replica(args)
     # The service normalizes (or not) per request, so the replica must not.
     leave_normalization_to_the_service(replica)
+    from runners.models.token_inputs import token_pooling, with_token_inputs
+
+    token_inputs = with_token_inputs(replica)
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
     dims = replica.get_sentence_embedding_dimension() if hasattr(replica, "get_sentence_embedding_dimension") else None
     max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
     return ModelCard(
         spec=spec, replica=replica, capabilities=frozenset({EMBED, RERANK}), rerank_via=EMBEDDING_COSINE,
         tokenizer=copy.deepcopy(tokenizer), max_tokens=int(min(max_tokens, 1 << 20)), dimensions=dims,
-        prompts=dict(getattr(replica, "prompts", None) or {}),
+        prompts=dict(getattr(replica, "prompts", None) or {}), token_inputs=token_inputs,
+        pooling=token_pooling(replica) if token_inputs else None,
     )
 
 
