@@ -55,12 +55,12 @@ class ImageEmbedding(Embedding):
             "usage": {"prompt_tokens": total, "total_tokens": total},
         }
 
-    async def cohere_embed(self, q: EmbedQuery) -> dict[str, Any]:
+    async def cohere_embed_counted(self, q: EmbedQuery) -> tuple[dict[str, Any], int]:
         if q.contents is None:
-            return await super().cohere_embed(q)
+            return await super().cohere_embed_counted(q)
         model, vectors, usage, images = await self.content_matrix(q)
         embeddings = {t: await self.encoded(model, vectors, q, t) for t in q.embedding_types}
-        return {
+        answer = {
             "id": str(uuid.uuid4()),
             "response_type": "embeddings_by_type",
             "embeddings": embeddings,
@@ -69,6 +69,7 @@ class ImageEmbedding(Embedding):
             "meta": {"api_version": {"version": "2"}, "billed_units": {
                 "input_tokens": usage["text_tokens"] + usage["image_tokens"], "images": len(images), **usage}},
         }
+        return answer, 0  # not counted here: a text beside images is cut to the text tower's window
 
     # ---- the work ----
 
