@@ -83,14 +83,19 @@ class CostModel:
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, int, float]]) -> CostModel | None:
-        """Least squares over (n, width, seconds) samples, every coefficient kept >= 0 (a term that
-        would come out negative is dropped and the rest refitted); None without enough samples."""
+        """Least squares of the relative error over (n, width, seconds) samples (a one-text pass counts
+        as much as a full batch: the fixed cost comes from the small ones), every coefficient kept
+        >= 0 (a term that would come out negative is dropped and the rest refitted); None without
+        enough samples."""
         import numpy as np
 
         if len({(n, w) for n, w, _ in samples}) < 2:
             return None
-        rows = np.array([[1.0, n * w, n * w * w] for n, w, _ in samples])
         seconds = np.array([t for _, _, t in samples])
+        if (seconds <= 0).any():
+            return None
+        rows = np.array([[1.0, n * w, n * w * w] for n, w, _ in samples]) / seconds[:, None]
+        seconds = np.ones_like(seconds)
         best = None
         for keep in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,)):
             coef, *_ = np.linalg.lstsq(rows[:, keep], seconds, rcond=None)
@@ -102,7 +107,8 @@ class CostModel:
             error = float(((rows @ np.array(full) - seconds) ** 2).sum())
             if best is None or error < best[0]:
                 best = (error, full)
-        if best is None or best[1][0] + best[1][1] <= 0:
+        # Tokens are never free: a fit that says so read a busy neighbour's noise, not the model.
+        if best is None or best[1][1] + best[1][2] <= 0:
             return None
         return cls(*best[1])
 

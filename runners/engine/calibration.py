@@ -21,7 +21,8 @@ log = logging.getLogger("embed_rerank.scheduler")
 # (items, width) of the timed passes, cheapest first: two widths for the per-token term, a wide one
 # for attention's.
 SHAPES = ((1, 16), (8, 16), (1, 128), (8, 128), (2, 256))
-CALIBRATION_S = 0.3  # no more shapes are timed once the passes took this long (a slow device or model)
+CALIBRATION_S = 0.3  # no more shapes are timed once the passes took this long (a slow device or model),
+MIN_SHAPES = 3  # but at least this many (those that fit the budget)
 REFIT_EVERY = 64  # batches between refits while serving
 KEPT_SAMPLES = 512  # the newest batch timings a refit reads
 
@@ -42,7 +43,7 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
             continue
         features = codec.collate([{key: value[:width] for key, value in row.items()}] * n)
         timings = []
-        for _ in range(2 if warm else 3):
+        for attempt in range(2 if warm else 3):
             started = time.perf_counter()
             try:
                 replica.encode_post(replica.encode_core(features))
@@ -52,10 +53,10 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
                 free_device_memory()  # wider shapes would not fit either
                 return out
             timings.append(time.perf_counter() - started)
-            spent += timings[-1]
+            spent += timings[-1] if warm or attempt else 0.0  # the first pass of all pays for allocations
         out.append((n, width, min(timings if warm else timings[1:])))
         warm = True
-        if spent > CALIBRATION_S:
+        if spent > CALIBRATION_S and len(out) >= MIN_SHAPES:
             break
     return out
 
