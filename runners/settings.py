@@ -89,6 +89,8 @@ class Settings:
     onnx_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "embed-rerank" / "onnx")
     onnx_threads: int = 0
     allocator: str = "auto"
+    workers: int = 0  # worker processes of `bentoml serve`; 0 = auto (runners.workers.worker_count)
+    cache_mb: int = -1  # MiB of repeated inputs' results kept per worker; 0 = off, -1 = auto (device_default_cache_mb)
 
     @property
     def all_local(self) -> bool:
@@ -155,6 +157,20 @@ def _choice(name: str, value: str, choices: tuple[str, ...] | Mapping[str, str])
         allowed = ", ".join(choices)
         raise SettingsError(f"{name} has {value!r}, which is not one of: {allowed}")
     return choices[key] if isinstance(choices, Mapping) else key
+
+
+def _auto_or_int(env: Mapping[str, str], name: str, auto: int, minimum: int, example: str) -> int:
+    """A whole number >= `minimum`, or `auto` (returned as `auto`)."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return auto
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} is not valid: use auto or a whole number >= {minimum}, e.g. {example}")
+    return value
 
 
 def parse_allocator(value: str) -> str:
@@ -289,6 +305,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         onnx_cache_dir=Path(cache) if cache else Path.home() / ".cache" / "embed-rerank" / "onnx",
         onnx_threads=_int(env, "ONNX_THREADS", 0, minimum=0),
         allocator=parse_allocator(env.get("ALLOCATOR", "")),
+        workers=_auto_or_int(env, "WORKERS", 0, 1, "2"),
+        cache_mb=_auto_or_int(env, "CACHE_MB", -1, 0, "256 (0 turns the cache off)"),
     )
 
 
