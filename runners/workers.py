@@ -205,13 +205,15 @@ def forget_dead_workers() -> None:
 
 
 def _alive(pid: int) -> bool:
+    """A running process (a worker that died stays a zombie until the serving process reaps it)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
-    return True
 
 
 def _marker(index: int) -> Path | None:

@@ -31,7 +31,7 @@ import numpy as np
 
 # Bytes per entry besides its text and its result: the dict slot and linked-list node of the
 # OrderedDict, the key and value tuples, the array's header (tests/test_cache.py measures it).
-ENTRY_OVERHEAD = 360
+ENTRY_OVERHEAD = 380
 
 Key = tuple[int, str, Any]
 
