@@ -270,7 +270,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif not args.skip_zero_cost:
         result["zero_cost"] = {"skipped": skipped.get("wrk", "no load client")}
 
-    if not args.skip_workers and not interrupted and load_client is not None and load_client.kind == "wrk":
+    if args.skip_service and not args.skip_workers:
+        result["workers"] = {"skipped": "--skip-service: the workers part starts the service"}
+    elif not args.skip_workers and not interrupted and load_client is not None and load_client.kind == "wrk":
         print("workers and the cache of repeated inputs …", flush=True)
         args.parts = [p for p in workers_bench.PARTS if p != "soak" or args.cache_soak]
         try:
