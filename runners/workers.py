@@ -169,14 +169,8 @@ def remove_stale_run_dirs() -> None:
     with contextlib.suppress(OSError):
         for entry in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*-*"):
             pid = entry.name[len(RUN_DIR_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)) and entry.is_dir() and entry.owner() == _me():
+            if pid.isdigit() and not _alive(int(pid)) and entry.is_dir() and entry.stat().st_uid == os.getuid():
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def _me() -> str:
-    import getpass
-
-    return getpass.getuser()
 
 
 def use_shared_metrics(env: MutableMapping[str, str] | None = None) -> str | None:

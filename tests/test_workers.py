@@ -72,6 +72,18 @@ def test_each_worker_takes_its_gpu_and_its_share_of_the_cores(monkeypatch):
     assert workers.enter_worker(settings, one, 0) is None and one == {workers.WORKERS_ENV: "1", "CUDA_VISIBLE_DEVICES": "4,6"}
 
 
+def test_run_directories_of_dead_servers_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / f"{workers.RUN_DIR_PREFIX}{2**22 + 7}-abc"  # above Linux's pid_max: never a live pid
+    alive = tmp_path / f"{workers.RUN_DIR_PREFIX}{os.getpid()}-abc"
+    for folder in (dead, alive):
+        (folder / "metrics").mkdir(parents=True)
+    workers.remove_stale_run_dirs()
+    assert not dead.exists() and alive.exists()
+
+
 # ---- a real server with two workers ----
 
 
