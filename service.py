@@ -10,15 +10,17 @@ here: the serving process imports this module too.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import bentoml
 
-from runners import allocator, metrics
+from runners import allocator, metrics, workers
 from runners.api import context, routes
 from runners.api.front_door import FrontDoor
 from runners.api.logs import configure_logging
 from runners.capabilities.service import InferenceService
+from runners.engine.health import HEALTH
 from runners.lifecycle import install_in_arbiter, stop_server
 from runners.settings import SettingsError, apply_offline_defaults, load_settings
 
@@ -39,8 +41,13 @@ try:
 except SettingsError as exc:
     raise SystemExit(f"configuration error: {exc}") from None
 
-# In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server.
-install_in_arbiter()
+# In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server,
+# and give the workers a run directory of this server (all workers' metrics, readiness and failure).
+if install_in_arbiter():
+    workers.prepare_serving(workers.worker_count(SETTINGS))
+# In a worker of several: its own GPU and its share of the CPU threads, before torch loads.
+WORKER = workers.enter_worker(SETTINGS)
+HEALTH.share(workers.failure_path())
 
 APPS = routes.mounted_apps()
 
@@ -54,7 +61,9 @@ APPS = routes.mounted_apps()
     resources={"gpu": SETTINGS.gpu_count, "memory": SETTINGS.memory}
     | ({"gpu_type": SETTINGS.gpu_type} if SETTINGS.gpu_type else {}),
     traffic={"timeout": int(SETTINGS.request_timeout_s) + 5, "max_concurrency": SETTINGS.max_concurrency},
-    workers=1,
+    # WORKERS: one per GPU the service is given, 1 on a CPU (runners/workers.py); the serving process
+    # decides and names the number in the environment of the workers, which import this module too.
+    workers=int(os.environ.get(workers.WORKERS_ENV) or workers.worker_count(SETTINGS)),
     # OpenTelemetry's ASGI middleware on every request halved a bare route's req/s
     # (docs/performance.md); the API routes skip it, health and metrics keep it.
     tracing={"excluded_urls": routes.untraced_paths()},
@@ -67,7 +76,12 @@ class EmbeddingService:
         self.inference = InferenceService(SETTINGS)
         context.bind(self.inference)
         # A model the watchdog cannot bring back: health says 503, then the whole server exits.
-        self.inference.registry.on_fatal = stop_server
+        self.inference.registry.on_fatal = self._cannot_serve
+
+    @staticmethod
+    def _cannot_serve(reason: str) -> None:
+        workers.mark_ready(False)
+        stop_server(reason)
 
     async def start_engines(self) -> None:
         """Load, start and warm every model (the RunPod adapter calls this too)."""
@@ -75,6 +89,9 @@ class EmbeddingService:
 
     @bentoml.on_startup
     async def _startup(self) -> None:
+        if WORKER:
+            logging.getLogger("embed_rerank.workers").info("%s", WORKER)
+        workers.forget_dead_workers()
         try:
             await self.start_engines()
         except Exception as exc:
@@ -82,16 +99,19 @@ class EmbeddingService:
             # won't load next time either, so the whole server exits with EXIT_CANNOT_SERVE.
             stop_server(f"startup failed: {exc}")
             raise
+        workers.mark_ready()
 
     @bentoml.on_shutdown
     async def stop_engines(self) -> None:
+        workers.mark_ready(False)
         await self.inference.stop()
 
     def __is_ready__(self) -> bool:
-        return self.inference.ready
+        # Every worker, not only the one this request reached (runners/workers.py: ready markers).
+        return self.inference.ready and workers.all_ready()
 
     def __metrics__(self, content: str) -> str:
-        return content + metrics.exposition()
+        return content + metrics.appended_to_bentoml()
 
 
 EmbeddingService.add_asgi_middleware(FrontDoor, api_keys=SETTINGS.api_keys, metrics_public=SETTINGS.metrics_public,

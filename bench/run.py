@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:
 # head-of-line), bench/report.py (tables, plot). This module reads the arguments, runs the parts in order
 # and writes results.json and results.png.
 from bench import hol  # noqa: E402
+from bench import workers as workers_bench  # noqa: E402
 from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, served_model, st_baseline  # noqa: E402
 from bench.forward import gap_report, raw_forward  # noqa: E402
 from bench.images import images_part  # noqa: E402
@@ -296,6 +297,18 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["long_inputs"] = await long_inputs_part(args, logs)
         except asyncio.CancelledError:
             interrupted.append("long_inputs")
+    if args.skip_service and not args.skip_workers:
+        result["workers"] = {"skipped": "--skip-service: the workers part starts the service"}
+    elif not args.skip_workers and not interrupted and load_client is not None and load_client.kind == "wrk":
+        print("workers and the cache of repeated inputs …", flush=True)
+        args.parts = [p for p in workers_bench.PARTS if p != "soak" or args.cache_soak]
+        try:
+            result["workers"] = await asyncio.to_thread(workers_bench.run_parts, args, load_client.wrk, sentences)
+            goals |= result["workers"]["goals"]
+        except asyncio.CancelledError:
+            interrupted.append("workers")
+    elif not args.skip_workers:
+        result["workers"] = {"skipped": "interrupted before it started" if interrupted else skipped.get("wrk", "no wrk")}
 
     if skipped:
         result["skipped"] = skipped
@@ -360,11 +373,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
     add_mixed_arguments(parser)
     long_input_arguments(parser)
+    parts.add_argument("--skip-workers", action="store_true",
+                       help="no WORKERS and cache rows (bench/workers.py: zero-cost and MiniLM by worker count, "
+                            "the cache's same-query latency)")
+    parts.add_argument("--cache-soak", action="store_true",
+                       help="with the workers part: also its two soaks (CACHE_MB=0 and --soak-cache-mb, --soak-seconds each)")
+    workers_bench.add_arguments(parser, before=False)
     parser.add_argument("--out", type=Path, default=BENCH_DIR, help="folder for results.json and results.png")
     parser.add_argument("--logs", type=Path, default=ROOT / "reports", help="folder for the servers' logs")
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(c) for c in args.concurrency.split(",") if c.strip()})
     args.images_concurrency = sorted({int(c) for c in args.images_concurrency.split(",") if c.strip()})
+    workers_bench.finish_arguments(args)
     gpu = args.device.startswith("cuda")
     args.matmul_n = args.matmul_n or (8192 if gpu else 2048)
     args.matmul_repeats = args.matmul_repeats or (20 if gpu else 8)
@@ -395,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency, args.rounds, args.seconds = [1], 1, 1.5
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
-        args.skip_zero_cost = args.skip_hol = args.skip_images = args.skip_long_inputs = True
+        args.skip_zero_cost = args.skip_hol = args.skip_images = args.skip_long_inputs = args.skip_workers = True
         args.forward_runs, args.forward_seconds = 50, 1.0
     return args
 
@@ -407,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Every server and engine here runs without the cache of repeated inputs (the corpus's sentences
+    # repeat from round to round): the model's work is measured. bench/workers.py measures the cache.
+    os.environ.setdefault("CACHE_MB", "0")
     # Importing infinity_emb turns on INFO logging with a rich handler: a line per httpx request would
     # cost the client CPU that the servers need.
     import logging

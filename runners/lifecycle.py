@@ -23,6 +23,7 @@ answers (a serving process that did not import service.py), the worker still fal
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import NoReturn
 
@@ -53,6 +55,14 @@ _SERVE_COMMANDS = frozenset({"serve", "start-http-server"})  # bentoml CLI comma
 # The serving process that spawned this worker: if the parent changes later, it has died.
 _PARENT_AT_IMPORT = os.getppid()
 _stop_lock = threading.Lock()
+_answering = False  # the serving process is already stopping its workers (a second request waits on it)
+_exit_hooks: list[Callable[[], None]] = []
+
+
+def at_exit(hook: Callable[[], None]) -> None:
+    """Run `hook` when this process exits, by a normal exit or by this module's os._exit."""
+    atexit.register(hook)
+    _exit_hooks.append(hook)
 
 
 def in_bentoml_worker() -> bool:
@@ -158,6 +168,10 @@ def _read_stop_request() -> tuple[int, int | None]:
 
 def _answer_stop_request(signum: int, frame: FrameType | None) -> None:
     """The serving process's handler of STOP_SIGNAL: stop every worker, then exit with the code."""
+    global _answering
+    if _answering:  # another worker asked too (several workers fail at start): the first answer stops all
+        return
+    _answering = True
     code, requester = EXIT_CANNOT_SERVE, None
     try:
         code, requester = _read_stop_request()
@@ -215,6 +229,9 @@ def _kill_arbiter_and_exit(arbiter: int, exit_code: int) -> NoReturn:
 
 def _exit(code: int) -> NoReturn:
     # Infinity's threads are not daemons and the engines were not stopped: a normal exit would hang.
+    for hook in _exit_hooks:
+        with contextlib.suppress(Exception):
+            hook()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

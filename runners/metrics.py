@@ -1,18 +1,24 @@
 """Prometheus metrics of the service, beyond BentoML's own request metrics.
 
-A private registry, appended to BentoML's `/metrics` text by the service's `__metrics__` hook.
-`embed_rerank_queue_depth` (items accepted and not yet answered, per model) is the signal the
-Kubernetes HorizontalPodAutoscaler scales on.
+A private registry. Under `bentoml serve` every worker runs prometheus_client in multiprocess mode
+(its directory is the server's run directory, runners.workers): each value is written to a file per
+process, and BentoML's `/metrics` adds up the files of all workers, ours among them. Elsewhere (the
+RunPod adapter, in-process tests) there is one process, and the service's `__metrics__` hook appends
+this registry to BentoML's text. `embed_rerank_queue_depth` (items accepted and not yet answered, per
+model, summed over the workers) is the signal the Kubernetes HorizontalPodAutoscaler scales on.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+import os
 from typing import Any, NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from runners.workers import METRICS_ENV, use_shared_metrics
+
+use_shared_metrics()  # before prometheus_client is imported: it chooses multiprocess mode at import
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest  # noqa: E402
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 LABELS = ("model", "capability")
@@ -64,34 +70,66 @@ LOOP_RESTARTS = Counter("embed_rerank_loop_restarts", "Batch or tokenizer loops 
                         registry=REGISTRY)
 
 
-class QueueDepthCollector:
-    """Reads the queue depth per model at scrape time."""
-
-    def __init__(self, read: Callable[[], Iterable[tuple[str, int]]]) -> None:
-        self.read = read
-
-    def collect(self) -> Iterable[Metric]:
-        gauge = GaugeMetricFamily("embed_rerank_queue_depth", "Items queued or running in the engine", labels=["model"])
-        for model, depth in self.read():
-            gauge.add_metric([model], depth)
-        yield gauge
-
-
-_queue_collector: QueueDepthCollector | None = None
+# Gauges add up over the live workers ("livesum"; ignored with one process).
+QUEUE_DEPTH = Gauge("embed_rerank_queue_depth", "Items queued or running in the engine", ("model",),
+                    multiprocess_mode="livesum", registry=REGISTRY)
+CACHE_HITS = Counter("embed_rerank_cache_hits", "Inputs answered from the cache of repeated inputs (CACHE_MB)",
+                     ("model",), registry=REGISTRY)
+CACHE_MISSES = Counter("embed_rerank_cache_misses", "Inputs the cache did not have: they went to the model", ("model",),
+                       registry=REGISTRY)
+CACHE_BYTES = Gauge("embed_rerank_cache_bytes", "Bytes held by the cache of repeated inputs, all workers",
+                    multiprocess_mode="livesum", registry=REGISTRY)
+CACHE_ENTRIES = Gauge("embed_rerank_cache_entries", "Results held by the cache of repeated inputs, all workers",
+                      multiprocess_mode="livesum", registry=REGISTRY)
 
 
-def watch_queues(read: Callable[[], Iterable[tuple[str, int]]]) -> None:
-    """Report the queues that `read` lists (one service per process; a new one replaces the old)."""
-    global _queue_collector
-    if _queue_collector is not None:
-        REGISTRY.unregister(_queue_collector)
-    _queue_collector = QueueDepthCollector(read)
-    REGISTRY.register(_queue_collector)
+@functools.cache
+def queue_depth(model: str) -> Any:
+    return QUEUE_DEPTH.labels(model)
+
+
+@functools.cache
+def cache_counters(model: str) -> tuple[Any, Any]:
+    """(hits, misses) of one model."""
+    return CACHE_HITS.labels(model), CACHE_MISSES.labels(model)
 
 
 def record_error(error_type: str, status: int) -> None:
     ERRORS.labels(error_type, str(status)).inc()
 
 
+def multiprocess() -> bool:
+    """Whether values go to per-process files that BentoML's `/metrics` adds up (under `bentoml serve`)."""
+    return bool(os.environ.get(METRICS_ENV))
+
+
 def exposition() -> str:
-    return generate_latest(REGISTRY).decode("utf-8")
+    """This service's metrics (not BentoML's), all workers together (`/tei/metrics`)."""
+    if not multiprocess():
+        return generate_latest(REGISTRY).decode("utf-8")
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    everything = CollectorRegistry()
+    MultiProcessCollector(everything)
+    ours = CollectorRegistry(auto_describe=True)
+    ours.register(_Only(everything, "embed_rerank_"))
+    return generate_latest(ours).decode("utf-8")
+
+
+def appended_to_bentoml() -> str:
+    """What `__metrics__` adds to BentoML's `/metrics`: nothing in multiprocess mode, where BentoML's
+    own collector already reads this registry's values from the workers' files; else this registry."""
+    return "" if multiprocess() else generate_latest(REGISTRY).decode("utf-8")
+
+
+class _Only:
+    """The metric families of a registry whose names start with a prefix."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str) -> None:
+        self.registry, self.prefix = registry, prefix
+
+    def collect(self) -> Any:
+        return [m for m in self.registry.collect() if m.name.startswith(self.prefix)]
+
+    def describe(self) -> list:
+        return []

@@ -101,6 +101,8 @@ class Settings:
     image_url_hosts: tuple[str, ...] = ()
     image_url_timeout_s: float = 10.0
     image_url_concurrency: int = 8
+    workers: int = 0  # worker processes of `bentoml serve`; 0 = auto (runners.workers.worker_count)
+    cache_mb: int = -1  # MiB of repeated inputs' results kept per worker; 0 = off, -1 = auto (device_default_cache_mb)
 
     @property
     def all_local(self) -> bool:
@@ -206,6 +208,18 @@ def _image_urls(env: Mapping[str, str]) -> tuple[bool, tuple[str, ...]]:
             "IMAGE_URL_HOSTS='images.example.com;*.cdn.example.com' (or * for any host with a public address)"
         )
     return allow, hosts
+def _auto_or_int(env: Mapping[str, str], name: str, auto: int, minimum: int, example: str) -> int:
+    """A whole number >= `minimum`, or `auto` (returned as `auto`)."""
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return auto
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} is not valid: use auto or a whole number >= {minimum}, e.g. {example}")
+    return value
 
 
 def parse_allocator(value: str) -> str:
@@ -349,6 +363,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         image_url_hosts=image_url_hosts,
         image_url_timeout_s=_float(env, "IMAGE_URL_TIMEOUT", 10.0),
         image_url_concurrency=_int(env, "IMAGE_URL_CONCURRENCY", 8),
+        workers=_auto_or_int(env, "WORKERS", 0, 1, "2"),
+        cache_mb=_auto_or_int(env, "CACHE_MB", -1, 0, "256 (0 turns the cache off)"),
     )
 
 

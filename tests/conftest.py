@@ -64,4 +64,7 @@ def models_server(start_server, tiny_models: dict[str, Path], default_model_path
     order = ["cross-encoder", "classifier", "qwen3-reranker", "qwen3-reranker-seq-cls", "qwen3-embedding"]
     names = ";".join([default_model_path] + [str(tiny_models[k]) for k in order])
     served = ";".join(["minilm"] + order)
-    return start_server({"MODEL_NAMES": names, "SERVED_MODEL_NAMES": served, "BATCH_SIZES": "16;8;8;4;4;8"})
+    # No cache of repeated inputs: these tests compare a text's vector alone and in a batch, so the model
+    # must run each time (the default server keeps the cache on, as users get it).
+    return start_server({"MODEL_NAMES": names, "SERVED_MODEL_NAMES": served, "BATCH_SIZES": "16;8;8;4;4;8",
+                         "CACHE_MB": "0"})

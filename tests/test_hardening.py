@@ -92,7 +92,8 @@ def test_truncate_false_rejects_texts_over_the_model_window(guarded):
 
 
 def test_backpressure_refuses_fast_and_recovers(start_server):
-    server = start_server({"INFINITY_QUEUE_SIZE": "16", "BATCH_SIZES": "4"})
+    # No cache: the same 8 texts in every request must each reach the queue (with the cache, one would).
+    server = start_server({"INFINITY_QUEUE_SIZE": "16", "BATCH_SIZES": "4", "CACHE_MB": "0"})
     texts = ["a sentence long enough to keep the engine busy for a little while, " * 6] * 8
 
     def call() -> tuple[int, float]:

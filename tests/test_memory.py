@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 from conftest import BENTOML
 
@@ -144,10 +145,14 @@ def test_bad_allocator_stops_bentoml_serve_with_one_line():
     assert last == "configuration error: ALLOCATOR has 'tcmalloc', which is not one of: auto, jemalloc, mimalloc, system"
 
 
+SOAK_CACHE_MB = 2  # small enough for the short soak's ever-new texts to fill it: the bound is tested too
+
+
 @pytest.fixture(scope="module")
 def auto_server(start_server):
     """`bentoml serve` with ALLOCATOR=auto and nothing preloaded from outside."""
-    return start_server({"ALLOCATOR": "auto", "LD_PRELOAD": "", allocator.CHOSEN_ENV: ""})
+    return start_server({"ALLOCATOR": "auto", "LD_PRELOAD": "", allocator.CHOSEN_ENV: "",
+                         "CACHE_MB": str(SOAK_CACHE_MB)})
 
 
 def _workers(server) -> list[int]:
@@ -174,6 +179,10 @@ def test_short_soak_keeps_memory_flat(auto_server):
     assert report["requests_failed"] == 0 and report["requests_ok"] >= 5, report["errors"]
     assert set(report["allocator"].values()) == {choose("auto").name}
     assert report["growth_pct"] <= 25, {k: v for k, v in report.items() if k != "samples"}
+    # The cache of repeated inputs filled up with the soak's texts and stayed within CACHE_MB.
+    cache = {line.split()[0]: float(line.split()[1]) for line in httpx.get(auto_server.url + "/metrics").text.splitlines()
+             if line.startswith(("embed_rerank_cache_bytes ", "embed_rerank_cache_entries "))}
+    assert SOAK_CACHE_MB * 0.8 * 2**20 <= cache["embed_rerank_cache_bytes"] <= SOAK_CACHE_MB * 2**20, cache
 
 
 def test_soak_texts_never_repeat():

@@ -320,10 +320,11 @@ class FrontDoor:
         return await self._forward(scope, _replay(body, receive), send, id_header, tei)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if HEALTH.reason is None:
+        reason = HEALTH.current()  # this worker's, or another worker's of this server
+        if reason is None:
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps({"status": "unavailable", "reason": HEALTH.reason})
+        body = orjson.dumps({"status": "unavailable", "reason": reason})
         await send({"type": "http.response.start", "status": 503,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.responses import PlainTextResponse, Response
 
-from runners import metrics
+from runners import metrics, workers
 from runners.api.context import inference
 from runners.api.responses import with_truncation
 from runners.api.tei_schemas import (
@@ -126,8 +126,9 @@ async def info(query: Mapping[str, str]) -> dict[str, Any]:
 
 
 async def health(query: Mapping[str, str]) -> dict[str, str]:
-    if HEALTH.reason is not None or not _ready():
-        raise Unavailable(HEALTH.reason or "the models are still loading")
+    reason = HEALTH.current()
+    if reason is not None or not _ready():
+        raise Unavailable(reason or "the models are still loading")
     return {"status": "ok"}  # TEI answers an empty 200; clients read only the status
 
 
@@ -174,7 +175,7 @@ def _flatten_parameters(data: dict[str, Any]) -> dict[str, Any]:
 
 def _ready() -> bool:
     try:
-        return inference().ready
+        return inference().ready and workers.all_ready()  # every worker of the server (runners/workers.py)
     except ServiceError:
         return False
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from runners import metrics
 from runners.capabilities.classify import Classification
 from runners.capabilities.image_embed import ImageEmbedding
 from runners.capabilities.queries import ClassifyQuery, EmbedQuery, RerankQuery
@@ -29,7 +28,6 @@ class InferenceService(ImageEmbedding, Reranking, Classification, Tokenization):
         self.registry = registry or EngineRegistry(settings)
         self._calibrations = {}
         self._calibration_lock = asyncio.Lock()
-        metrics.watch_queues(lambda: [(m.name, m.in_flight) for m in self.registry.models])
 
     async def start(self) -> None:
         await self.registry.start(warmup=self._warmup)

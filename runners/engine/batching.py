@@ -42,6 +42,7 @@ class QueuedRequest:
     active: bool = False  # listed in the scheduler's active requests
     done: bool = False  # answered, failed or given up by its caller
     served: int = -1  # the tick of the last batch that took one of its items
+    lengths: list[int] | None = None  # when given: each input's token count, filled in as it is tokenized
 
 
 @dataclass(eq=False)

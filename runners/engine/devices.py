@@ -8,6 +8,8 @@ from runners.settings import Settings
 
 # Padded tokens per forward pass when MAX_BATCH_TOKENS=auto (docs/performance.md: the measurement).
 DEFAULT_BATCH_TOKENS = {"cpu": 2048, "gpu": 32768}
+# MiB of the cache of repeated inputs per worker when CACHE_MB=auto (runners.engine.cache).
+DEFAULT_CACHE_MB = {"cpu": 64, "gpu": 256}
 # Tokens x non-embedding parameters below which a CPU forward pass runs on one thread (single_thread_tokens).
 SINGLE_THREAD_WORK = 2.0e7
 
@@ -45,6 +47,12 @@ def torch_on_cpu(replica: Any, settings: Settings) -> bool:
 
 def default_batch_tokens(settings: Settings) -> int:
     return DEFAULT_BATCH_TOKENS["gpu" if on_gpu(settings) else "cpu"]
+
+
+def cache_bytes(settings: Settings) -> int:
+    """The cache's bound in bytes: CACHE_MB, or its device default."""
+    mb = settings.cache_mb if settings.cache_mb >= 0 else DEFAULT_CACHE_MB["gpu" if on_gpu(settings) else "cpu"]
+    return mb << 20
 
 
 def single_thread_tokens(replica: Any, settings: Settings) -> int:

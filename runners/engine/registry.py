@@ -5,6 +5,7 @@ answer 503 and the process exit) and stopping every model on shutdown."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,8 +14,16 @@ from typing import Any
 
 from runners import metrics
 from runners.engine.batching import DEFAULT_COST, DEFAULT_GPU_COST
+from runners.engine.cache import ResultCache, cacheable
 from runners.engine.calibration import CostSamples, calibrate
-from runners.engine.devices import default_batch_tokens, on_gpu, process_torch_threads, single_thread_tokens, torch_on_cpu
+from runners.engine.devices import (
+    cache_bytes,
+    default_batch_tokens,
+    on_gpu,
+    process_torch_threads,
+    single_thread_tokens,
+    torch_on_cpu,
+)
 from runners.engine.health import HEALTH
 from runners.engine.scheduler import ModelScheduler
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
@@ -28,6 +37,7 @@ log = logging.getLogger("embed_rerank.engines")
 _HAS_TIMEOUT = hasattr(asyncio, "timeout")  # Python 3.11+
 FATAL_EXIT_DELAY_S = 2.0  # health answers 503 with the reason this long before the process exits
 _PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
+_LOADS = itertools.count(1)  # numbers each model load: the cache never answers from a model loaded before
 
 
 @dataclass
@@ -59,6 +69,7 @@ class LoadedModel(ModelCard):
     in_flight: int = 0
     stats: ModelStats = field(default_factory=ModelStats)
     created: int = field(default_factory=lambda: int(time.time()))
+    load_id: int = field(default_factory=lambda: next(_LOADS))
 
     def __post_init__(self) -> None:
         if self.images is not None and self.image_scheduler is None:
@@ -134,6 +145,7 @@ class EngineRegistry:
         self.on_fatal = on_fatal  # called once a model cannot be brought back: the process should exit
         self._start_lock = asyncio.Lock()
         self._watchdog: asyncio.Task | None = None
+        self.cache = ResultCache(0)  # repeated inputs (CACHE_MB), sized at start when the device is known
 
     async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
         """Load, start and warm every model; ready only after the last one answered."""
@@ -141,6 +153,7 @@ class EngineRegistry:
             if self.ready:
                 return
             total = time.perf_counter()
+            self.cache = ResultCache(await asyncio.to_thread(cache_bytes, self.settings))
             for i, spec in enumerate(self.settings.models, 1):
                 log.info("loading model %d/%d: %s (%s)", i, len(self.settings.models), spec.served_name, spec.name_or_path)
                 try:
@@ -150,6 +163,7 @@ class EngineRegistry:
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
                 for scheduler in loaded.schedulers:
                     scheduler.start()
+                metrics.queue_depth(loaded.name).set(0)
                 self.models.append(loaded)
                 if warmup is not None and self.settings.model_warmup:
                     await warmup(loaded)
@@ -173,6 +187,12 @@ class EngineRegistry:
                 except Exception:  # noqa: BLE001 - one model failing to stop must not keep the others running
                     log.exception("stopping model %s failed", scheduler.name)
         self.models = []
+        self.cache.clear()
+        self._cache_gauges()
+
+    def _cache_gauges(self) -> None:
+        metrics.CACHE_BYTES.set(self.cache.bytes)
+        metrics.CACHE_ENTRIES.set(len(self.cache))
 
     @property
     def serving(self) -> bool:
@@ -249,7 +269,42 @@ class EngineRegistry:
         return sum(m.in_flight for m in self.models)
 
     async def run(self, model: LoadedModel, capability: str, inputs: list[Any]) -> tuple[list[Any], int]:
-        """The model's results for `inputs` and the tokens it read; refused at once when its queue is full."""
+        """The model's results for `inputs` and the tokens it read; refused at once when its queue is full.
+        Inputs the cache of repeated inputs has are answered from it (runners.engine.cache); only the
+        others go to the model."""
+        if self.cache.enabled and cacheable(inputs):
+            return await self._run_cached(model, capability, inputs)
+        return await self._run_model(model, capability, inputs)
+
+    async def _run_cached(self, model: LoadedModel, capability: str, inputs: list[Any]) -> tuple[list[Any], int]:
+        cache = self.cache
+        results: list[Any] = [None] * len(inputs)
+        tokens = [0] * len(inputs)
+        misses: dict[Any, list[int]] = {}  # each input the cache lacks, once, with every place it holds
+        for i, x in enumerate(inputs):
+            found = cache.get((model.load_id, capability, x))
+            if found is not None:
+                results[i], tokens[i] = found
+            else:
+                misses.setdefault(x, []).append(i)
+        hits, missed = metrics.cache_counters(model.name)
+        if len(misses) < len(inputs):
+            hits.inc(len(inputs) - len(misses))  # from the cache, or the same text again in this request
+        if not misses:
+            return results, sum(tokens)
+        missed.inc(len(misses))
+        todo = list(misses)
+        lengths = [0] * len(todo)
+        answers, _ = await self._run_model(model, capability, todo, lengths)
+        for x, answer, n in zip(todo, answers, lengths):
+            cache.put((model.load_id, capability, x), answer, n)
+            for i in misses[x]:
+                results[i], tokens[i] = answer, n
+        self._cache_gauges()
+        return results, sum(tokens)
+
+    async def _run_model(self, model: LoadedModel, capability: str, inputs: list[Any],
+                         lengths: list[int] | None = None) -> tuple[list[Any], int]:
         items = len(inputs)
         limit = self.settings.queue_size
         if model.in_flight + items > limit:
@@ -259,13 +314,15 @@ class EngineRegistry:
                 headers={"Retry-After": "1"},
             )
         model.in_flight += items
+        depth = metrics.queue_depth(model.name)
+        depth.inc(items)
         started = time.perf_counter()
         scheduler = model.scheduler_for(capability)
         try:
             if _HAS_TIMEOUT:  # no extra task per request, as wait_for makes on 3.11
                 async with asyncio.timeout(self.settings.request_timeout_s):
-                    return await scheduler.run(inputs)
-            return await asyncio.wait_for(scheduler.run(inputs), timeout=self.settings.request_timeout_s)
+                    return await scheduler.run(inputs, lengths)
+            return await asyncio.wait_for(scheduler.run(inputs, lengths), timeout=self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             model.stats.errors += 1
             raise Timeout(
@@ -276,6 +333,7 @@ class EngineRegistry:
             raise
         finally:
             model.in_flight -= items
+            depth.dec(items)
             elapsed = time.perf_counter() - started
             model.stats.inference_seconds += elapsed
             metrics.of(model.name, capability).inference_seconds.observe(elapsed)

@@ -186,14 +186,15 @@ class ModelScheduler(TokenizerStage):
 
     # ---- the front: called on the event loop ----
 
-    async def run(self, inputs: Sequence[Any]) -> tuple[list[Any], int]:
-        """Results of the replica for `inputs`, in order, and the tokens the model read."""
+    async def run(self, inputs: Sequence[Any], lengths: list[int] | None = None) -> tuple[list[Any], int]:
+        """Results of the replica for `inputs`, in order, and the tokens the model read; `lengths`, when
+        given (one slot per input), receives each input's token count (the cache stores it)."""
         if self.dead_reason is not None:
             raise Unavailable(f"model {self.name!r} is out of service ({self.dead_reason}); the server is restarting")
         loop = asyncio.get_running_loop()
         request = QueuedRequest(
             seq=next(self._seq), priority=priority_of(inputs), inputs=inputs, loop=loop,
-            future=loop.create_future(), results=[None] * len(inputs), remaining=len(inputs),
+            future=loop.create_future(), results=[None] * len(inputs), remaining=len(inputs), lengths=lengths,
         )
         if not self._tokenize_here(request):
             self._inbox.put(request)

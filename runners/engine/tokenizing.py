@@ -133,6 +133,8 @@ class TokenizerStage:
                 if request.done:
                     continue
                 request.usage += sum(n for _, n in mine)
+                if request.lengths is not None:
+                    request.lengths[start:start + count] = [n for _, n in mine]
                 request.tokenized = start + count
                 for i in sorted(range(count), key=lambda i: mine[i][1]):
                     request.ready.append((start + i, mine[i][0], mine[i][1]))

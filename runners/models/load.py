@@ -88,9 +88,12 @@ def onnx_quantization(settings: Settings) -> str:
 
 
 def onnx_default_threads() -> int:
-    """All cores but one: the HTTP server and the tokenizers need the other. Measured on 2 cores
-    (all-MiniLM-L6-v2 int8, 32 clients): 1 thread 156-163 texts/s, 2 threads 144."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """All cores of this worker's share but one: the HTTP server and the tokenizers need the other.
+    Measured on 2 cores (all-MiniLM-L6-v2 int8, 32 clients): 1 thread 156-163 texts/s, 2 threads 144.
+    With several workers (WORKERS) each one's share is cores // workers (runners.workers)."""
+    from runners.workers import workers_now
+
+    return max(1, (os.cpu_count() or 2) // workers_now() - 1)
 
 
 def leave_normalization_to_the_service(replica: Any) -> None:
