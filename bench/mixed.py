@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in args.mixed_targets if t not in SYSTEMS]
     if unknown:
         parser.error(f"unknown targets {unknown}: choose from {', '.join(SYSTEMS)}")
+    os.environ.setdefault("CACHE_MB", "0")  # the rounds repeat bodies: measure the model, not the cache
     wrk, why = wrk_tool.find_wrk()
     if wrk is None:
         print(f"no wrk: {why}", file=sys.stderr)
