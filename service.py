@@ -4,40 +4,29 @@ Every model route (native, OpenAI, Jina/Cohere v1, Cohere v2, TEI) is a row of
 `runners.api.routes.ROUTES`: the native paths become BentoML APIs, the others FastAPI apps mounted
 at `/v1`, `/v2` and `/tei`, and FrontDoor (one ASGI middleware) answers the hot ones directly. Each
 handler turns its body into the one internal query of its capability and calls `InferenceService`,
-as the RunPod adapter does. Heavy imports (torch, infinity) happen in the worker's startup hook, not
-here: the serving process imports this module too.
+as the RunPod adapter does. Heavy imports (torch, infinity) never happen at this module's import: the
+serving process imports it too. In a worker they start in a thread as soon as the settings are read,
+and the models start loading when the service is created (docs/performance.md, Cold start).
 """
 
 from __future__ import annotations
 
-import os
+from runners.api.process import prepare_process
+from runners.lifecycle import in_bentoml_worker, install_in_arbiter, stop_server
+from runners.models.imports import import_in_background
 
-import bentoml
+SETTINGS = prepare_process()
+if in_bentoml_worker():
+    # The model stack's imports (torch, transformers, infinity's replicas: most of a cold start) run
+    # in a thread from here on, while this module, BentoML and uvicorn start; the startup hook waits.
+    import_in_background()
 
-from runners import allocator, metrics
-from runners.api import context, routes
-from runners.api.front_door import FrontDoor
-from runners.api.logs import configure_logging
-from runners.capabilities.service import InferenceService
-from runners.lifecycle import install_in_arbiter, stop_server
-from runners.settings import SettingsError, apply_offline_defaults, load_settings
+import bentoml  # noqa: E402
 
-try:
-    SETTINGS = load_settings()
-except SettingsError as exc:
-    raise SystemExit(f"configuration error: {exc}") from None
-apply_offline_defaults(SETTINGS)
-# torch's OpenMP runtime (libgomp) lets an idle worker thread spin 300,000 rounds before it sleeps;
-# beside the event loop on a few cores that spinning takes CPU the requests need (docs/performance.md,
-# Threads and OpenMP). libgomp reads this when torch loads: in the worker's startup hook, after this.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-configure_logging(SETTINGS.log_format)
-try:
-    # In `bentoml serve` this runs in the serving process before it spawns the workers, which
-    # inherit the environment: they start with the allocator preloaded.
-    allocator.activate(SETTINGS.allocator)
-except SettingsError as exc:
-    raise SystemExit(f"configuration error: {exc}") from None
+from runners import metrics  # noqa: E402
+from runners.api import context, routes  # noqa: E402
+from runners.api.front_door import FrontDoor  # noqa: E402
+from runners.capabilities.service import InferenceService  # noqa: E402
 
 # In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server.
 install_in_arbiter()
@@ -68,6 +57,8 @@ class EmbeddingService:
         context.bind(self.inference)
         # A model the watchdog cannot bring back: health says 503, then the whole server exits.
         self.inference.registry.on_fatal = stop_server
+        if in_bentoml_worker():
+            self.inference.registry.begin_loading()  # the weights are read while uvicorn starts
 
     async def start_engines(self) -> None:
         """Load, start and warm every model (the RunPod adapter calls this too)."""

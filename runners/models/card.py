@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from runners.models.phases import LoadPhases
 from runners.settings import ModelSpec
 
 
@@ -31,7 +32,8 @@ class ModelCard:
     token_dimensions: int | None = None  # size of each token vector
     tokens_normalized: bool = False  # token vectors are unit length (ColBERT, BGE-M3), or raw hidden states
     query_aware: bool = False  # ColBERT: queries must be sent as MultiInput(..., query=True)
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # weights read and moved to device
+    phases: LoadPhases = field(default_factory=LoadPhases)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def card_fields(self) -> dict[str, Any]:
