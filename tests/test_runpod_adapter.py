@@ -46,10 +46,13 @@ def worker_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]
 class Worker:
     """The worker's local API server (`python -m runpod_adapter --rp_serve_api`) and a client of its /runsync."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.process = ServerProcess.runpod_worker(tmp / "worker.log", env=worker_env(tmp), python=PYTHON)
+    def __init__(self, tmp: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.process = ServerProcess.runpod_worker(tmp / "worker.log", env=worker_env(tmp, extra_env), python=PYTHON)
         self.url = self.process.url
         self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def wait_up(self, timeout: float = 60) -> float:
+        return self.process.wait_ready(timeout)
 
     def runsync(self, job_input: Any) -> dict[str, Any]:
         response = self.client.post("/runsync", json={"input": job_input})
@@ -65,7 +68,7 @@ class Worker:
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     w = Worker(tmp_path_factory.mktemp("runpod"))
     try:
-        w.process.wait_ready(60)
+        w.wait_up()
         yield w
     finally:
         w.stop()
