@@ -84,11 +84,12 @@ os._exit(print(json.dumps(report)) or 0)  # the engines' threads are not daemons
 
 
 def run_fresh(code: str, tmp_path: Path) -> dict:
+    """Run `code` in a fresh interpreter; its last stdout line (JSON), with its stderr under "log"."""
     env = hermetic_env({"RUNPOD_VOLUME_PATH": str(tmp_path / "no-volume"),
                         "BAKED_MODELS_DIR": str(tmp_path / "no-baked-models")}, drop=("HF_HOME", "RUN_AS_USER"))
     done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": done.stderr}
 
 
 def check_deferred_still_work(report: dict) -> None:
@@ -104,6 +105,12 @@ def test_the_service_start_up_path_imports_no_heavy_module(tmp_path: Path) -> No
     phases = report["phases"]
     assert set(phases) >= {"imports_s", "weights_read_s", "to_device_s", "warmup_s", "ready_s"}
     assert phases["imports_s"] > 0 and phases["ready_s"] >= phases["warmup_s"] > 0
+    # The start-up log states each phase, in the line load_tests.cold_start reads.
+    from load_tests.cold_start import phases as logged_phases
+
+    logged = logged_phases(report["log"], first_answer_s=99.0)
+    assert logged["imports_s"] == pytest.approx(phases["imports_s"], abs=0.006) and logged["process_age_s"] > 0
+    assert logged["framework_s"] < 99.0
     check_deferred_still_work(report)
 
 
@@ -143,7 +150,8 @@ def test_the_runpod_import_skips_py_cpuinfos_subprocess(tmp_path: Path) -> None:
         print(json.dumps({"processor": rp_debugger.PROCESSOR == processor_name() != "",
                           "restored": cpuinfo.get_cpu_info is original}))
     """)
-    assert run_fresh(code, tmp_path) == {"processor": True, "restored": True}
+    report = run_fresh(code, tmp_path)
+    assert (report["processor"], report["restored"]) == (True, True)
 
 
 # ---- the mechanisms, on throwaway packages ----
