@@ -4,30 +4,24 @@ Every model route (native, OpenAI, Jina/Cohere v1, Cohere v2, TEI) is a row of
 `runners.api.routes.ROUTES`: the native paths become BentoML APIs, the others FastAPI apps mounted
 at `/v1`, `/v2` and `/tei`, and FrontDoor (one ASGI middleware) answers the hot ones directly. Each
 handler turns its body into the one internal query of its capability and calls `InferenceService`,
-as the RunPod adapter does. Heavy imports (torch, infinity) never happen at this module's import: the
-serving process imports it too. In a worker they start in a thread as soon as the settings are read,
-and the models start loading when the service is created (docs/performance.md, Cold start).
+as the RunPod adapter does. Heavy imports (torch, infinity) happen in the worker's startup hook, not
+here: the serving process imports this module too. They are not started in a thread at this import
+either: beside BentoML's own start in the same process they took longer, not less (the GIL;
+docs/performance.md, Cold start).
 """
 
 from __future__ import annotations
 
+import bentoml
+
+from runners import metrics
+from runners.api import context, routes
+from runners.api.front_door import FrontDoor
 from runners.api.process import prepare_process
-from runners.lifecycle import in_bentoml_worker, install_in_arbiter, stop_server
-from runners.models.imports import import_in_background
+from runners.capabilities.service import InferenceService
+from runners.lifecycle import install_in_arbiter, stop_server
 
 SETTINGS = prepare_process()
-if in_bentoml_worker():
-    # The model stack's imports (torch, transformers, infinity's replicas: most of a cold start) run
-    # in a thread from here on, while this module, BentoML and uvicorn start; the startup hook waits.
-    import_in_background()
-
-import bentoml  # noqa: E402
-
-from runners import metrics  # noqa: E402
-from runners.api import context, routes  # noqa: E402
-from runners.api.front_door import FrontDoor  # noqa: E402
-from runners.capabilities.service import InferenceService  # noqa: E402
-
 # In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server.
 install_in_arbiter()
 
@@ -57,8 +51,6 @@ class EmbeddingService:
         context.bind(self.inference)
         # A model the watchdog cannot bring back: health says 503, then the whole server exits.
         self.inference.registry.on_fatal = stop_server
-        if in_bentoml_worker():
-            self.inference.registry.begin_loading()  # the weights are read while uvicorn starts
 
     async def start_engines(self) -> None:
         """Load, start and warm every model (the RunPod adapter calls this too)."""

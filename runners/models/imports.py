@@ -346,12 +346,6 @@ def stack_import_seconds() -> float:
     return _imported_in or 0.0
 
 
-def import_in_background() -> None:
-    """Start the model stack's imports in a daemon thread: they run while the framework starts."""
-    if _imported_in is None:
-        threading.Thread(target=import_model_stack, name="import-model-stack", daemon=True).start()
-
-
 # Infinity's replica class per kind and backend (its `inference.select_model` table, which imports every
 # class it knows): "module:Class" under infinity_emb.transformer, imported when a model needs it.
 _INFINITY_REPLICAS = {
