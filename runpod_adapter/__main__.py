@@ -11,9 +11,9 @@ runpod's own command-line flags choose the mode:
 Start order: the allocator first (the process re-executes itself once with it preloaded, see
 `preload_allocator`), then the network volume (`volume.prepare_environment` rewrites
 `MODEL_NAMES`), then, when started as root with `RUN_AS_USER` set, the switch to that user, then
-the settings are read (once; a bad value ends the process with one line) and the models start
-loading in threads, then runpod is imported and starts; the first job waits for the models (their
-schedulers and warm-up start inside the handler's event loop).
+the settings are read (once; a bad value ends the process with one line), the model stack is
+imported and the models' weights start loading in threads, then runpod is imported and starts; the
+first job waits for the models (their schedulers and warm-up start inside the handler's event loop).
 
 Infinity's engine threads are not daemons, so a process that leaves runpod with engines running
 would never exit: whatever way runpod returns (test job done, API server stopped, SIGTERM), the
@@ -133,7 +133,7 @@ def main() -> None:
         drop_privileges(os.environ.get("RUN_AS_USER", "").strip())
     handler.configure(aliases=plan.aliases, openai_output=openai_output)
     handler.get_service()  # reads the settings: a bad value ends the process here, with one line
-    handler.begin_loading()  # the models load while runpod is imported and starts its API
+    handler.begin_loading()  # imports the model stack; the weights load while runpod starts its API
 
     runpod = import_runpod()
 

@@ -3,8 +3,8 @@
 The `InferenceService` that the HTTP routes call does the work here too, built after the same process
 preamble as `service.py` (`runners.api.process`) but without BentoML, which this worker never
 serves; this module only tells the job shapes apart, validates them with the same request models,
-and turns failures into FAILED jobs. The models start loading (`begin_loading`) before runpod is
-imported and its API starts, and the first job waits for them.
+and turns failures into FAILED jobs. The model stack is imported and the models start loading
+(`begin_loading`) before runpod is imported and its API starts; the first job waits for them.
 
 | job `input`                                   | answered by                                  |
 |-----------------------------------------------|----------------------------------------------|
@@ -101,7 +101,12 @@ def get_service() -> Any:
 
 
 def begin_loading() -> None:
-    """Start loading the models now, in threads: runpod's import and API start while they load."""
+    """Import the model stack here, then load the models' weights in threads while runpod is imported
+    and starts its API. The imports stay in this thread: beside runpod's import in another thread they
+    took longer, not less (one GIL; docs/performance.md, Cold start)."""
+    from runners.models.imports import import_model_stack
+
+    import_model_stack()
     get_service().inference.registry.begin_loading()
 
 
