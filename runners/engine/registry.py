@@ -103,20 +103,24 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
 
-def _in_thread(name: str, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-    """`fn(*args)` in a daemon thread of its own (an exit never waits for a load), as a future."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
+def _load_in_order(specs: list[ModelSpec], settings: Settings) -> list[concurrent.futures.Future]:
+    """Load the models one after the other in a daemon thread of their own (an exit never waits for a
+    load); one future per model, each done as soon as its model is. Never two at once: transformers'
+    `from_pretrained` changes process-wide state while it builds a model (the default dtype, meta-device
+    parameter creation), and two models built at once failed ("Cannot copy out of meta tensor")."""
+    futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in specs]
 
     def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the load
-            future.set_exception(exc)
+        for spec, future in zip(specs, futures):
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(load_model(spec, settings))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the load
+                future.set_exception(exc)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+    threading.Thread(target=run, name="load-models", daemon=True).start()
+    return futures
 
 
 def _phase_line(imports_s: float, read_s: float, device_s: float, warmup_s: float) -> str:
@@ -139,16 +143,16 @@ class EngineRegistry:
         self._loading_since = 0.0
 
     def begin_loading(self) -> None:
-        """Start loading every model now, each in a thread of its own (they load at once; the imports they
-        share happen once), without waiting: `start` waits for them. Safe to call from any thread, once
-        or more; the front doors call it as early as they can, so the loads run while the framework starts."""
+        """Start loading the models now, in a thread (the imports they share happen once), without
+        waiting: `start` waits for them. Safe to call from any thread, once or more; the RunPod worker
+        calls it before runpod starts its API, so the weights load meanwhile."""
         if self._loading is not None:
             return
         self._loading_since = time.perf_counter()
         specs = self.settings.models
         for i, spec in enumerate(specs, 1):
             log.info("loading model %d/%d: %s (%s)", i, len(specs), spec.served_name, spec.name_or_path)
-        self._loading = [_in_thread(f"load-{spec.served_name}"[:40], load_model, spec, self.settings) for spec in specs]
+        self._loading = _load_in_order(list(specs), self.settings)
 
     async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
         """Load, start and warm every model; ready only after the last one answered."""
@@ -159,12 +163,18 @@ class EngineRegistry:
             loading, self._loading = self._loading or [], None
             total = self._loading_since
             warmups = 0.0
+            # Every model is built before the first warm-up: a forward pass must not run while
+            # transformers builds another model (it changes the process's default dtype meanwhile).
+            built: list[LoadedModel] = []
             for spec, future in zip(self.settings.models, loading):
                 try:
-                    loaded = await asyncio.wrap_future(future)
+                    built.append(await asyncio.wrap_future(future))
                 except Exception as exc:
+                    for other in loading:
+                        other.cancel()  # the ones not started yet
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            for spec, loaded in zip(self.settings.models, built):
                 loaded.scheduler.start()
                 self.models.append(loaded)
                 warm = time.perf_counter()
@@ -191,7 +201,7 @@ class EngineRegistry:
                 "process_age_s": process_age_s(),
             }
             age = self.start_phases["process_age_s"]
-            # The models load at once: their weights and warm-ups are summed, the imports are shared.
+            # With several models the weights and warm-ups are summed; the imports are shared.
             log.info(
                 "all %d model(s) ready in %.1fs (%s%s)%s", len(self.models), ready_s,
                 _phase_line(self.start_phases["imports_s"], self.start_phases["weights_read_s"],
