@@ -5,7 +5,9 @@ Every model route (native, OpenAI, Jina/Cohere v1, Cohere v2, TEI) is a row of
 at `/v1`, `/v2` and `/tei`, and FrontDoor (one ASGI middleware) answers the hot ones directly. Each
 handler turns its body into the one internal query of its capability and calls `InferenceService`,
 as the RunPod adapter does. Heavy imports (torch, infinity) happen in the worker's startup hook, not
-here: the serving process imports this module too.
+here: the serving process imports this module too. They are not started in a thread at this import
+either: beside BentoML's own start in the same process they took longer, not less (the GIL;
+docs/performance.md, Cold start).
 """
 
 from __future__ import annotations
@@ -15,32 +17,15 @@ import os
 
 import bentoml
 
-from runners import allocator, metrics, workers
+from runners import metrics, workers
 from runners.api import context, routes
 from runners.api.front_door import FrontDoor
-from runners.api.logs import configure_logging
+from runners.api.process import prepare_process
 from runners.capabilities.service import InferenceService
 from runners.engine.health import HEALTH
 from runners.lifecycle import install_in_arbiter, stop_server
-from runners.settings import SettingsError, apply_offline_defaults, load_settings
 
-try:
-    SETTINGS = load_settings()
-except SettingsError as exc:
-    raise SystemExit(f"configuration error: {exc}") from None
-apply_offline_defaults(SETTINGS)
-# torch's OpenMP runtime (libgomp) lets an idle worker thread spin 300,000 rounds before it sleeps;
-# beside the event loop on a few cores that spinning takes CPU the requests need (docs/performance.md,
-# Threads and OpenMP). libgomp reads this when torch loads: in the worker's startup hook, after this.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-configure_logging(SETTINGS.log_format)
-try:
-    # In `bentoml serve` this runs in the serving process before it spawns the workers, which
-    # inherit the environment: they start with the allocator preloaded.
-    allocator.activate(SETTINGS.allocator)
-except SettingsError as exc:
-    raise SystemExit(f"configuration error: {exc}") from None
-
+SETTINGS = prepare_process()
 # In `bentoml serve`'s serving process (it imports this module too): answer the workers' stop_server,
 # and give the workers a run directory of this server (all workers' metrics, readiness and failure).
 if install_in_arbiter():

@@ -5,8 +5,9 @@
 #     .venv/bin/python -m bench.gpu_prepare        # -> .gpu_bundle/: cp312 wheels, the model's config, wrk (~30 MiB)
 # Then one device call (about 8 minutes of its 15):
 #     run(command="bash bench/gpu_bench.sh", carry=[".gpu_bundle"], timeout_s=560)
-# It writes under $OUT (at most 8 files come back): results.json, results.png, cold_start.json,
-# server_logs.txt (the end of every server's log), gpu_bench.log, env.txt.
+# It writes under $OUT (at most 8 files come back): results.json, results.png, cold_start.json (and
+# cold_start_qwen3.json with QWEN3_EMBEDDING_DIR), server_logs.txt (the end of every server's log),
+# gpu_bench.log, env.txt.
 #
 # Assumptions about the GPU machine, from /work/.library/device/KINDS.md (2026-11):
 # - `python3` is Python 3.12 with a CUDA PyTorch, numpy, httpx, psutil and matplotlib, but no BentoML, no
@@ -79,7 +80,7 @@ SKIP=()
 $PY -c "import torch; assert torch.cuda.is_available() or '$DEVICE' == 'cpu'" \
   || { echo "torch sees no GPU"; exit 1; }
 $PY -c "import sentence_transformers" || { echo "sentence-transformers does not import"; exit 1; }
-if ! $PY -c "import infinity_emb, runners.engines" 2>/dev/null; then
+if ! $PY -c "import infinity_emb, runners.engine.registry" 2>/dev/null; then
   echo "SKIPPED: engine and infinity server (infinity_emb does not import)"; SKIP+=(--skip-engine --skip-infinity-server)
 elif ! command -v infinity_emb > /dev/null || ! $PY -c "import infinity_emb.infinity_server" 2>/dev/null; then
   echo "SKIPPED: infinity server (its server extras do not import)"; SKIP+=(--skip-infinity-server)
@@ -99,14 +100,23 @@ esac
 # shellcheck disable=SC2086 # BENCH_EXTRA: more bench.run flags, split on spaces
 timeout -s INT -k 30 "$BUDGET_S" $PY -m bench.run --device "$DEVICE" --concurrency "$CONCURRENCY" --rounds "$ROUNDS" \
   --seconds "$SECONDS_PER_POINT" --zero-cost-seconds "$ZERO_COST_SECONDS" --load-client auto --wrk-threads 2 \
-  --no-install-wrk --out "$OUT" --logs "$LOGS" "${SKIP[@]}" ${BENCH_EXTRA:-}
+  --no-install-wrk --skip-cold-start --out "$OUT" --logs "$LOGS" "${SKIP[@]}" ${BENCH_EXTRA:-}
 bench_rc=$?
 echo "bench.run exited $bench_rc after $(( $(date +%s) - started ))s"
 
 left=$(( BUDGET_S + 60 - ($(date +%s) - started) ))
+# Cold start on the GPU (issue 24): both front doors; the start-up log's phases (cold_start.json) include
+# "moved to device" (the CUDA context and the weights' copy). With QWEN3_EMBEDDING_DIR, a folder of
+# Qwen3-Embedding-0.6B's weights carried or already on the host, its cold start too (goal: <= 6 s).
 if [ "$HAVE_BENTOML" = 1 ] && [ "$left" -gt 60 ] && [ "${BENCH_COLD_START:-1}" != 0 ]; then
-  timeout -s INT -k 30 "$left" $PY -m load_tests.cold_start --runs 3 --min-cosine 0.99 --out "$OUT/cold_start.json" \
-    --logs /tmp/cold_start_logs || echo "cold start did not finish"
+  timeout -s INT -k 30 "$left" $PY -m load_tests.cold_start --runs 3 --runpod --min-cosine 0.99 \
+    --out "$OUT/cold_start.json" --logs /tmp/cold_start_logs || echo "cold start did not finish"
+  left=$(( BUDGET_S + 60 - ($(date +%s) - started) ))
+  if [ -n "${QWEN3_EMBEDDING_DIR:-}" ] && [ -f "$QWEN3_EMBEDDING_DIR/config.json" ] && [ "$left" -gt 45 ]; then
+    MODEL_NAMES=$QWEN3_EMBEDDING_DIR SERVED_MODEL_NAMES=Qwen3-Embedding-0.6B timeout -s INT -k 30 "$left" \
+      $PY -m load_tests.cold_start --runs 3 --goal 6.0 --min-cosine 0.99 --out "$OUT/cold_start_qwen3.json" \
+      --logs /tmp/cold_start_logs || echo "Qwen3 cold start did not finish"
+  fi
 fi
 # One file for every server's log ($OUT brings back 8 files at most).
 for log in "$LOGS"/*.log /tmp/cold_start_logs/*.log; do

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import hol
+from bench.cold_start import cold_start_table
 from bench.forward import GOAL_GAP_MS
 from bench.images import images_table
 from bench.load import fmt
@@ -118,7 +119,7 @@ def plot_parts(result: dict[str, Any], axes: Any) -> None:
 
 def tables(result: dict[str, Any]) -> str:
     """Markdown tables of every part that ran, and the goals."""
-    out: list[str] = []
+    out: list[str] = cold_start_table(result.get("cold_start", {}))
     sweeps = (("systems", "Concurrency sweep (httpx closed loops, one sentence a request)", "texts_per_s",
                "server_cpu_ms_per_text"),
               ("systems_wrk", "The sweep's HTTP points by wrk (a client that leaves the cores to the server)",

@@ -24,6 +24,10 @@ the ratios are taken between medians of the same run. Each point also records th
 text by the server's process tree (for the engine: this process) and by the client (this process),
 which shows where the CPU goes when the client shares the machine with the server.
 
+First the cold start (--skip-cold-start; bench/cold_start.py): each front door (`bentoml serve`, the RunPod
+worker) started fresh --cold-start-runs times, the median first correct answer broken into its phases
+(imports, weights read, moved to device, warm-up, and the framework's part), before any other server runs.
+
 Then parts about the batch scheduler (issues 12 and 19), each skippable:
 - forward (--skip-forward): the raw forward pass of one short text in this process (bench/forward.py),
                    against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's);
@@ -71,6 +75,7 @@ if str(ROOT) not in sys.path:
 from bench import hol  # noqa: E402
 from bench import workers as workers_bench  # noqa: E402
 from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, served_model, st_baseline  # noqa: E402
+from bench.cold_start import cold_start_part  # noqa: E402
 from bench.forward import gap_report, raw_forward  # noqa: E402
 from bench.images import images_part  # noqa: E402
 from bench.latency import hol_part, one_client_p50  # noqa: E402
@@ -116,8 +121,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "device": args.device,
         "model_path": path,
-        "parts": {"sweep": sweep, "forward": forward_on, "hol": hol_on, "zero_cost": not args.skip_zero_cost,
-                  "images": not args.skip_images,
+        "parts": {"cold_start": not args.skip_cold_start, "sweep": sweep, "forward": forward_on, "hol": hol_on,
+                  "zero_cost": not args.skip_zero_cost, "images": not args.skip_images,
                   "long_inputs": not args.skip_long_inputs},
         "load": {
             "request": "one sentence per request (POST body {'input': [text], 'model': …})",
@@ -132,6 +137,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     skipped: dict[str, str] = {}
     goals: dict[str, Any] = {}
     interrupted: list[str] = []
+
+    if not args.skip_cold_start:
+        if args.skip_service:
+            skipped["cold_start"] = "--skip-service"
+        else:
+            result["cold_start"] = await asyncio.to_thread(cold_start_part, args)
+            goals |= result["cold_start"]["goals"]
 
     load_client: LoadClient | None = None
     if not args.skip_zero_cost or forward_on or sweep:
@@ -342,7 +354,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-engine", action="store_true", help="no in-process engine (e.g. infinity missing)")
     parser.add_argument("--service-url", default=None, help="measure this running service instead of starting one")
     parser.add_argument("--infinity-url", default=None, help="measure this running infinity server")
-    parts = parser.add_argument_group("parts besides the concurrency sweep (issue 12)")
+    parts = parser.add_argument_group("parts besides the concurrency sweep (issues 12 and 24)")
+    parts.add_argument("--skip-cold-start", action="store_true",
+                       help="no cold-start rows (fresh starts of the service and of the RunPod worker)")
+    parts.add_argument("--cold-start-runs", type=int, default=3, help="fresh starts per front door (default 3)")
     parts.add_argument("--skip-sweep", action="store_true",
                        help="no concurrency sweep (engine, servers, matmul, sentence-transformers baseline)")
     parts.add_argument("--skip-zero-cost", action="store_true",
@@ -416,7 +431,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup_seconds, args.st_seconds, args.skip_infinity_server = 0.5, 0.5, True
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
         args.skip_zero_cost = args.skip_hol = args.skip_images = args.skip_long_inputs = args.skip_workers = True
+        args.skip_cold_start = True
         args.forward_runs, args.forward_seconds = 50, 1.0
+        args.cold_start_runs = 1
     return args
 
 

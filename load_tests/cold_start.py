@@ -10,8 +10,11 @@ For each run, from the moment the process is spawned:
                   ready (the service warms its model before ready; the worker loads its engines lazily,
                   on the first job, so its first answer includes the model load).
 The process is stopped (SIGTERM to its group) before the next run. The OS file cache is warm after the
-first run; the first run is reported too. With a log line from the service it also records how long
-the model load took inside the worker, so the rest is imports and BentoML's own start.
+first run; the first run is reported too. From the start-up log line of the process that loads the
+models (`all N model(s) ready in ... (imports, weights read, moved to device, warm-up); ... after the
+process started`) each run also records those phases, and `framework_s`: the part of the first
+answer that is none of them (interpreter and framework start, BentoML's serving process, the request
+itself), i.e. what the framework adds that the imports did not hide.
 """
 
 from __future__ import annotations
@@ -38,7 +41,21 @@ if str(ROOT) not in sys.path:
 from load_tests.processes import ServerProcess  # noqa: E402
 
 SENTENCE = "A compass needle points north because it lines up with the Earth's magnetic field."
-MODEL_READY = re.compile(r"all \d+ model\(s\) ready in ([0-9.]+)s")
+PHASES = re.compile(
+    r"all \d+ model\(s\) ready in (?P<ready_s>[0-9.]+)s \(imports (?P<imports_s>[0-9.]+)s, weights read "
+    r"(?P<weights_read_s>[0-9.]+)s, moved to device (?P<to_device_s>[0-9.]+)s, warm-up (?P<warmup_s>[0-9.]+)s"
+    r"[^)]*\)(?:; (?P<process_age_s>[0-9.]+)s after the process started)?")
+PHASE_NAMES = ("imports_s", "weights_read_s", "to_device_s", "warmup_s")
+
+
+def phases(log: str, first_answer_s: float) -> dict[str, float | None]:
+    """The start-up log's phases (seconds) and framework_s, the rest of the first answer; {} without the line."""
+    match = PHASES.search(log)
+    if not match:
+        return {}
+    found = {k: float(v) if v is not None else None for k, v in match.groupdict().items()}
+    found["framework_s"] = round(first_answer_s - sum(found[k] for k in PHASE_NAMES), 3)
+    return found
 
 
 def reference_vector() -> list[float]:
@@ -107,13 +124,15 @@ def runpod_vector(client: httpx.Client) -> list[float] | None:
 def run_service(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
     with ServerProcess.bentoml(logs / f"cold_start_service_{i}.log") as server:
         row = first_correct(server, service_vector, 60, reference, timeout, min_cosine)
-        match = MODEL_READY.search(server.log_tail(200_000))
-    return row | {"model_load_in_worker_s": float(match.group(1)) if match else None}
+        log = server.log_tail(200_000)
+    return row | {"phases": phases(log, row["first_answer_s"])}
 
 
 def run_runpod(i: int, reference: list[float], logs: Path, timeout: float, min_cosine: float) -> dict[str, Any]:
     with ServerProcess.runpod_worker(logs / f"cold_start_runpod_{i}.log") as worker:
-        return first_correct(worker, runpod_vector, 120, reference, timeout, min_cosine)
+        row = first_correct(worker, runpod_vector, 120, reference, timeout, min_cosine)
+        log = worker.log_tail(200_000)
+    return row | {"phases": phases(log, row["first_answer_s"])}
 
 
 def spread(values: list[float]) -> dict[str, Any]:
@@ -136,11 +155,27 @@ def measure(
         print(f"  {kind} run {i + 1}/{runs}: ready {row['ready_s']:.2f}s, first correct answer "
               f"{row['first_answer_s']:.2f}s", flush=True)
         time.sleep(1.0)  # let the stopped process release its memory and port
+    by_phase = {k: [r["phases"][k] for r in results if r["phases"].get(k) is not None]
+                for k in (*PHASE_NAMES, "framework_s", "process_age_s")}
     return {
         "runs": results,
         "ready_s": spread([r["ready_s"] for r in results]),
         "first_answer_s": spread([r["first_answer_s"] for r in results]),
+        "phases_median_s": {k: round(statistics.median(v), 3) for k, v in by_phase.items() if v},
     }
+
+
+def phase_table(result: dict[str, Any]) -> str:
+    """Markdown: per front door, the median first answer and the median of each phase."""
+    rows = ["| front door | first answer s | imports s | weights read s | moved to device s | warm-up s "
+            "| framework s (the rest) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, label in (("service", "`bentoml serve`"), ("runpod", "RunPod worker (`/runsync`)")):
+        if kind not in result:
+            continue
+        p = result[kind].get("phases_median_s", {})
+        cells = [f"{p[k]:.2f}" if k in p else "–" for k in (*PHASE_NAMES, "framework_s")]
+        rows.append(f"| {label} | {result[kind]['first_answer_s']['median']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per start")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "cold_start.json")
     parser.add_argument("--logs", type=Path, default=ROOT / "reports")
-    parser.add_argument("--goal", type=float, default=10.0, help="median first answer under this many seconds")
+    parser.add_argument("--goal", type=float, default=5.0,
+                        help="median first answer at most this many seconds, each front door (issue 24: 5.0)")
     parser.add_argument("--min-cosine", type=float, default=MIN_COSINE,
                         help="a correct answer's cosine with the reference (default 0.999; lower for fp16 on a GPU)")
     args = parser.parse_args(argv)
@@ -172,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runpod worker: {args.runs} fresh starts of `python -m runpod_adapter --rp_serve_api`", flush=True)
         result["runpod"] = measure("runpod", args.runs, reference, args.logs, args.timeout, args.min_cosine)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    met = result["service"]["first_answer_s"]["median"] < args.goal
+    result["goal_met_by"] = {kind: result[kind]["first_answer_s"]["median"] <= args.goal
+                             for kind in ("service", "runpod") if kind in result}
+    met = all(result["goal_met_by"].values())
     result["goal_met"] = met
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -181,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             r, a = result[kind]["ready_s"], result[kind]["first_answer_s"]
             print(f"{kind}: ready median {r['median']:.2f}s ({r['min']:.2f}..{r['max']:.2f}), first correct answer "
                   f"median {a['median']:.2f}s ({a['min']:.2f}..{a['max']:.2f}, stdev {a['stdev']:.2f})")
-    print(f"goal (median first answer < {args.goal:.0f}s): {'met' if met else 'NOT met'}; wrote {args.out}")
+    print(phase_table(result))
+    print(f"goal (median first answer <= {args.goal:.1f}s): {'met' if met else 'NOT met'} "
+          f"({', '.join(f'{k}: {v}' for k, v in result['goal_met_by'].items())}); wrote {args.out}")
     return 0
 
 

@@ -65,6 +65,18 @@ def at_exit(hook: Callable[[], None]) -> None:
     _exit_hooks.append(hook)
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), for the start-up log; None where unknown."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            started_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return round(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def in_bentoml_worker() -> bool:
     """Whether this process is a BentoML worker (`python -m _bentoml_impl.worker.service ...`)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)

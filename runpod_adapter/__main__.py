@@ -11,8 +11,9 @@ runpod's own command-line flags choose the mode:
 Start order: the allocator first (the process re-executes itself once with it preloaded, see
 `preload_allocator`), then the network volume (`volume.prepare_environment` rewrites
 `MODEL_NAMES`), then, when started as root with `RUN_AS_USER` set, the switch to that user, then
-`service` is imported (settings are read once; a bad value ends the process with one line), then
-runpod starts. Models load on the first job, inside the handler's event loop.
+the settings are read (once; a bad value ends the process with one line), the model stack is
+imported and the models' weights start loading in threads, then runpod is imported and starts; the
+first job waits for the models (their schedulers and warm-up start inside the handler's event loop).
 
 Infinity's engine threads are not daemons, so a process that leaves runpod with engines running
 would never exit: whatever way runpod returns (test job done, API server stopped, SIGTERM), the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 log = logging.getLogger("embed_rerank.runpod")
 
@@ -82,6 +84,38 @@ def preload_allocator() -> None:
     os.execv(sys.executable, sys.orig_argv)
 
 
+def processor_name() -> str:
+    """The CPU's name as py-cpuinfo's `brand_raw` gives it on Linux (/proc/cpuinfo), without its subprocess."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "Unable to get processor info."
+
+
+def import_runpod() -> Any:
+    """`import runpod`, less the 1.1 s its debugger module spends at import on py-cpuinfo (which starts
+    a Python subprocess to learn the CPU's name for `--rp_debugger` output): the name comes from
+    `processor_name()` instead; py-cpuinfo itself is left as it was."""
+    if "runpod" in sys.modules:
+        return sys.modules["runpod"]
+    import cpuinfo
+
+    original = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": processor_name()}
+    try:
+        import runpod
+    finally:
+        cpuinfo.get_cpu_info = original
+    return runpod
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(levelname)s %(name)s: %(message)s")
     preload_allocator()
@@ -99,8 +133,9 @@ def main() -> None:
         drop_privileges(os.environ.get("RUN_AS_USER", "").strip())
     handler.configure(aliases=plan.aliases, openai_output=openai_output)
     handler.get_service()  # reads the settings: a bad value ends the process here, with one line
+    handler.begin_loading()  # imports the model stack; the weights load while runpod starts its API
 
-    import runpod
+    runpod = import_runpod()
 
     code = 0
     try:

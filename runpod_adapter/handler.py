@@ -1,8 +1,10 @@
 """The RunPod job handler: every job shape of API.md, answered by the service methods.
 
-The BentoML service class is instantiated in this process and its `InferenceService` does the
-work, exactly as behind the HTTP routes; this module only tells the job shapes apart, validates
-them with the same request models, and turns failures into FAILED jobs.
+The `InferenceService` that the HTTP routes call does the work here too, built after the same process
+preamble as `service.py` (`runners.api.process`) but without BentoML, which this worker never
+serves; this module only tells the job shapes apart, validates them with the same request models,
+and turns failures into FAILED jobs. The model stack is imported and the models start loading
+(`begin_loading`) before runpod is imported and its API starts; the first job waits for them.
 
 | job `input`                                   | answered by                                  |
 |-----------------------------------------------|----------------------------------------------|
@@ -76,14 +78,36 @@ def configure(aliases: dict[str, str] | None = None, openai_output: str | None =
     _openai_output = openai_output or openai_output_mode()
 
 
+class WorkerService:
+    """This worker's service methods: the InferenceService of the HTTP routes, started by the first job."""
+
+    def __init__(self, settings: Any) -> None:
+        from runners.capabilities.service import InferenceService
+
+        self.inference = InferenceService(settings)
+
+    async def start_engines(self) -> None:
+        await self.inference.start()
+
+
 def get_service() -> Any:
-    """The BentoML service instance of this process (imports `service`: settings are read here)."""
+    """This process's service (reads the settings the first time: a bad value ends the process)."""
     global _service
     if _service is None:
-        from service import EmbeddingService
+        from runners.api.process import prepare_process
 
-        _service = EmbeddingService()
+        _service = WorkerService(prepare_process())
     return _service
+
+
+def begin_loading() -> None:
+    """Import the model stack here, then load the models' weights in threads while runpod is imported
+    and starts its API. The imports stay in this thread: beside runpod's import in another thread they
+    took longer, not less (one GIL; docs/performance.md, Cold start)."""
+    from runners.models.imports import import_model_stack
+
+    import_model_stack()
+    get_service().inference.registry.begin_loading()
 
 
 async def ensure_started(svc: Any) -> None:

@@ -65,6 +65,27 @@ def test_bento_carries_every_source_module(built_bento):
     assert wanted <= carried, sorted(wanted - carried)
 
 
+def test_both_images_carry_compiled_bytecode(built_bento, tmp_path):
+    """Cold start: neither image compiles the service's source at start (issue 24). The Bento's setup
+    script, run on a copy of the built Bento, leaves a .pyc beside every module; Dockerfile.runpod
+    compiles /app after copying the code, before it makes the tree readable."""
+    import importlib.util
+    import shutil
+
+    bento = Path(built_bento["path"])
+    dockerfile = (bento / "env/docker/Dockerfile").read_text()
+    assert re.search(r"^RUN .*env/docker/setup_script\s*$", dockerfile, re.M), "the Bento's Dockerfile runs no setup script"
+    copy = tmp_path / "bento"
+    shutil.copytree(bento / "src", copy / "src")
+    subprocess.run(["sh", str(bento / "env/docker/setup_script")], env={"PATH": str(Path(PYTHON).parent) + ":/usr/bin:/bin",
+                   "BENTO_PATH": str(copy)}, check=True)
+    missing = [p for p in (copy / "src").rglob("*.py") if not Path(importlib.util.cache_from_source(str(p))).exists()]
+    assert not missing, missing[:5]
+    runpod = (ROOT / "Dockerfile.runpod").read_text()
+    compile_at = runpod.index("python -m compileall")
+    assert runpod.index("COPY runners ./runners") < compile_at < runpod.index("chmod -R a+rX /app")
+
+
 def test_bento_export_carries_the_models(built_bento, tmp_path):
     target = tmp_path / "bento.tar"
     env = hermetic_env({"BENTOML_HOME": built_bento["home"]})

@@ -51,13 +51,13 @@ class Worker:
         self.url = self.process.url
         self.client = httpx.Client(base_url=self.url, timeout=120)
 
+    def wait_up(self, timeout: float = 60) -> float:
+        return self.process.wait_ready(timeout)
+
     def runsync(self, job_input: Any) -> dict[str, Any]:
         response = self.client.post("/runsync", json={"input": job_input})
         assert response.status_code == 200, response.text
         return response.json()
-
-    def wait_up(self, timeout: float = 60) -> None:
-        self.process.wait_ready(timeout)
 
     def stop(self) -> None:
         self.client.close()
@@ -68,7 +68,7 @@ class Worker:
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     w = Worker(tmp_path_factory.mktemp("runpod"))
     try:
-        w.process.wait_ready(60)
+        w.wait_up()
         yield w
     finally:
         w.stop()

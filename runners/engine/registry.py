@@ -5,8 +5,10 @@ answer 503 and the process exit) and stopping every model on shutdown."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +29,9 @@ from runners.engine.devices import (
 from runners.engine.health import HEALTH
 from runners.engine.scheduler import ModelScheduler
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
+from runners.lifecycle import process_age_s
 from runners.models.card import ModelCard
+from runners.models.imports import stack_import_seconds
 from runners.models.load import load_card
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, RERANK, RERANK_PREFERENCE, TOKENS, UNSPECIFIED_MODELS
@@ -68,6 +72,7 @@ class LoadedModel(ModelCard):
     image_scheduler: ModelScheduler | None = None
     in_flight: int = 0
     stats: ModelStats = field(default_factory=ModelStats)
+    warmup_seconds: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
     load_id: int = field(default_factory=lambda: next(_LOADS))
 
@@ -135,6 +140,31 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
 
+def _load_in_order(specs: list[ModelSpec], settings: Settings) -> list[concurrent.futures.Future]:
+    """Load the models one after the other in a daemon thread of their own (an exit never waits for a
+    load); one future per model, each done as soon as its model is. Never two at once: transformers'
+    `from_pretrained` changes process-wide state while it builds a model (the default dtype, meta-device
+    parameter creation), and two models built at once failed ("Cannot copy out of meta tensor")."""
+    futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in specs]
+
+    def run() -> None:
+        for spec, future in zip(specs, futures):
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(load_model(spec, settings))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the load
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name="load-models", daemon=True).start()
+    return futures
+
+
+def _phase_line(imports_s: float, read_s: float, device_s: float, warmup_s: float) -> str:
+    return (f"imports {imports_s:.2f}s, weights read {read_s:.2f}s, moved to device {device_s:.2f}s, "
+            f"warm-up {warmup_s:.2f}s")
+
+
 class EngineRegistry:
     """Every served model, found by name or by capability, with bounded queues."""
 
@@ -143,40 +173,87 @@ class EngineRegistry:
         self.models: list[LoadedModel] = []
         self.ready = False
         self.on_fatal = on_fatal  # called once a model cannot be brought back: the process should exit
+        self.start_phases: dict[str, Any] = {}  # the last start's phases (seconds), as logged
         self._start_lock = asyncio.Lock()
         self._watchdog: asyncio.Task | None = None
         self.cache = ResultCache(0)  # repeated inputs (CACHE_MB), sized at start when the device is known
+        self._loading: list[concurrent.futures.Future] | None = None
+        self._loading_since = 0.0
+
+    def begin_loading(self) -> None:
+        """Start loading the models now, in a thread (the imports they share happen once), without
+        waiting: `start` waits for them. Safe to call from any thread, once or more; the RunPod worker
+        calls it before runpod starts its API, so the weights load meanwhile."""
+        if self._loading is not None:
+            return
+        self._loading_since = time.perf_counter()
+        specs = self.settings.models
+        for i, spec in enumerate(specs, 1):
+            log.info("loading model %d/%d: %s (%s)", i, len(specs), spec.served_name, spec.name_or_path)
+        self._loading = _load_in_order(list(specs), self.settings)
 
     async def start(self, warmup: Callable[[LoadedModel], Awaitable[Any]] | None = None) -> None:
         """Load, start and warm every model; ready only after the last one answered."""
         async with self._start_lock:
             if self.ready:
                 return
-            total = time.perf_counter()
+            self.begin_loading()
+            loading, self._loading = self._loading or [], None
+            total = self._loading_since
+            warmups = 0.0
             self.cache = ResultCache(await asyncio.to_thread(cache_bytes, self.settings))
-            for i, spec in enumerate(self.settings.models, 1):
-                log.info("loading model %d/%d: %s (%s)", i, len(self.settings.models), spec.served_name, spec.name_or_path)
+            # Every model is built before the first warm-up: a forward pass must not run while
+            # transformers builds another model (it changes the process's default dtype meanwhile).
+            built: list[LoadedModel] = []
+            for spec, future in zip(self.settings.models, loading):
                 try:
-                    loaded = await asyncio.to_thread(load_model, spec, self.settings)
+                    built.append(await asyncio.wrap_future(future))
                 except Exception as exc:
+                    for other in loading:
+                        other.cancel()  # the ones not started yet
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            for spec, loaded in zip(self.settings.models, built):
                 for scheduler in loaded.schedulers:
                     scheduler.start()
                 metrics.queue_depth(loaded.name).set(0)
                 self.models.append(loaded)
+                warm = time.perf_counter()
                 if warmup is not None and self.settings.model_warmup:
                     await warmup(loaded)
+                loaded.warmup_seconds = time.perf_counter() - warm
+                warmups += loaded.warmup_seconds
+                p = loaded.phases
                 log.info(
-                    "model %s ready in %.1fs: %s", spec.served_name, time.perf_counter() - total,
+                    "model %s ready in %.1fs: %s (%s)", spec.served_name, time.perf_counter() - total,
                     ", ".join(sorted(loaded.capabilities)),
+                    _phase_line(p.imports_s, p.weights_read_s, p.to_device_s, loaded.warmup_seconds),
                 )
             self.ready = True
             self._watchdog = asyncio.create_task(self._watch(), name="embed-rerank-watchdog")
-            log.info("all %d model(s) ready in %.1fs", len(self.models), time.perf_counter() - total)
+            ready_s = time.perf_counter() - total
+            phases = [m.phases for m in self.models]
+            self.start_phases = {
+                "imports_s": round(stack_import_seconds(), 3),
+                "weights_read_s": round(sum(p.weights_read_s for p in phases), 3),
+                "to_device_s": round(sum(p.to_device_s for p in phases), 3),
+                "warmup_s": round(warmups, 3),
+                "ready_s": round(ready_s, 3),
+                "process_age_s": process_age_s(),
+            }
+            age = self.start_phases["process_age_s"]
+            # With several models the weights and warm-ups are summed; the imports are shared.
+            log.info(
+                "all %d model(s) ready in %.1fs (%s%s)%s", len(self.models), ready_s,
+                _phase_line(self.start_phases["imports_s"], self.start_phases["weights_read_s"],
+                            self.start_phases["to_device_s"], warmups),
+                f", summed over {len(self.models)} models" if len(self.models) > 1 else "",
+                f"; {age:.2f}s after the process started" if age is not None else "",
+            )
 
     async def stop(self) -> None:
         self.ready = False
+        self._loading = None  # loads still running finish in their threads and are dropped
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

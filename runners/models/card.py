@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from runners.models.phases import LoadPhases
 from runners.settings import ModelSpec
 
 
@@ -40,7 +41,8 @@ class ModelCard:
     # token vectors per item (chunking, late chunking, token vectors of an ordinary embedding model).
     token_inputs: bool = False
     pooling: str | None = None  # mean, cls, max, lasttoken: the vector is that pooling of the token vectors, no more
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # weights read and moved to device
+    phases: LoadPhases = field(default_factory=LoadPhases)
     _tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _frame: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, init=False, repr=False)
     # Long texts (chunking, late chunking) are tokenized by a copy of their own: a 100,000-token text takes

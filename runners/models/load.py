@@ -1,18 +1,17 @@
 """Loading a model: its kind decides the loader (`LOADERS`, one row per kind), which builds the
 replica and says what it can do (a `ModelCard`). Blocking: the engine runs it in a thread.
 
-Replicas are Infinity's own (its model selection for embedding models and cross-encoders) or this
-project's (Qwen3 rerankers, logit classifiers, ONNX, multi-output models, CLIP-like models with a
-replica per tower); Infinity's batch handler is never started: runners.engine.scheduler batches
-every replica.
+Replicas are Infinity's own (embedding models and cross-encoders: the class its model selection would
+choose, imported alone, `runners.models.imports`) or this project's (Qwen3 rerankers, logit
+classifiers, ONNX, multi-output models, CLIP-like models with a replica per tower); Infinity's batch
+handler is never started: runners.engine.scheduler batches every replica. Each card carries its load
+phases (imports, weights read, moved to device) for the start-up log.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 from runners.models.card import ModelCard
 from runners.models.checkpoint import read_config
 from runners.models.detect import resolve_kind
+from runners.models.imports import import_model_stack, infinity_replica_class
+from runners.models.phases import timing_device_moves
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import (
     CLASSIFY,
@@ -44,25 +45,8 @@ from runners.vocabulary import (
 )
 
 
-def import_infinity() -> None:
-    """Import infinity_emb without letting it take over the root logger.
-
-    On import it replaces the root handlers with a rich console handler at INFO; every access-log
-    line then went through rich, measured at 43 % of the request thread's time at 32 clients
-    (79 → 96 texts/s once restored). Its own loggers keep working through the restored handlers.
-    """
-    if "infinity_emb" in sys.modules:
-        return
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    import infinity_emb  # noqa: F401
-
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 def engine_args(spec: ModelSpec, settings: Settings) -> Any:
-    from infinity_emb import EngineArgs
+    from infinity_emb.args import EngineArgs
 
     return EngineArgs(
         model_name_or_path=spec.name_or_path,
@@ -110,11 +94,19 @@ def leave_normalization_to_the_service(replica: Any) -> None:
         del replica[len(modules) - 1]
 
 
-def _infinity_replica(args: Any) -> Any:
-    """Infinity's own model selection builds the replica; its batch handler is never started."""
-    from infinity_emb import AsyncEmbeddingEngine
-
-    return AsyncEmbeddingEngine.from_args(args)._model_replicas[0]
+def _infinity_replica(spec: ModelSpec, args: Any, role: str) -> Any:
+    """Infinity's own replica for the role, as its model selection builds it (one replica, on the first
+    device of its loading strategy); its batch handler is never started."""
+    # What infinity's select_model reads in config.json besides the role this project detected.
+    config = read_config(spec)
+    if role == "embed" and config.get("vision_config"):
+        role = "image"
+    elif role == "embed" and config.get("audio_config") and "clap" in str(config.get("model_type", "")).lower():
+        role = "audio"
+    replica_class = infinity_replica_class(role, args.engine.value)
+    replica_args = args.copy()
+    replica_args._loading_strategy.device_placement = args._loading_strategy.device_mapping[0]
+    return replica_class(engine_args=replica_args)
 
 
 def _qwen3_reranker(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
@@ -138,7 +130,7 @@ def _classifier(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mo
 
 
 def _cross_encoder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
-    replica = _infinity_replica(args)
+    replica = _infinity_replica(spec, args, "rerank")
     tokenizer = getattr(replica, "tokenizer", None)
     max_len = getattr(replica, "max_length", None) or getattr(tokenizer, "model_max_length", 512)
     return ModelCard(spec=spec, replica=replica, pairs=True, capabilities=frozenset({RERANK}), rerank_via=CROSS_ENCODER,
@@ -152,7 +144,7 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
         replica = OnnxEmbedder(engine_args=args, quantization=onnx_quantization(settings),
                                cache_dir=settings.onnx_cache_dir, threads=settings.onnx_threads or onnx_default_threads())
     else:
-        replica = _infinity_replica(args)
+        replica = _infinity_replica(spec, args, "embed")
     # The service normalizes (or not) per request, so the replica must not.
     leave_normalization_to_the_service(replica)
     from runners.models.token_inputs import token_pooling, with_token_inputs
@@ -221,15 +213,19 @@ _TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND)
 
 
 def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
-    """Load one model's replica and describe it (blocking: run it in a thread)."""
-    import_infinity()
-    started = time.perf_counter()
+    """Load one model's replica and describe it (blocking: run it in a thread); its phases on the card."""
+    waited = time.perf_counter()
+    import_model_stack()  # once per process; a second model waits here for the first one's imports
+    imports_s = time.perf_counter() - waited
     kind = resolve_kind(spec, read_config(spec))
     if spec.backend == "optimum" and kind in _TORCH_ONLY:
         raise ValueError(
             f"BACKEND=optimum serves embedding models; {spec.served_name} is a {kind} model: "
             "give it BACKEND=torch (BACKEND takes one value per model, e.g. 'optimum;torch')"
         )
-    card = LOADERS[kind](spec, settings, engine_args(spec, settings), kind)
-    card.load_seconds = time.perf_counter() - started
+    with timing_device_moves() as phases:
+        card = LOADERS[kind](spec, settings, engine_args(spec, settings), kind)
+    phases.imports_s = imports_s
+    card.phases = phases
+    card.load_seconds = phases.weights_read_s + phases.to_device_s
     return card
