@@ -35,7 +35,7 @@ TEXT = "A man is eating food on a bright sunny day."
 
 def measure(rounds: int = 5, runs: int = 150, pause_s: float = 0.003) -> dict[str, Any]:
     from bench.gpu_model import build_zero_cost
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.settings import default_model_path, load_settings
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -95,7 +95,7 @@ class EngineTarget:
         return own_cpu_seconds()  # the engine's threads and the (tiny) client loop, one process
 
     async def start(self) -> None:
-        from runners.engine.registry import load_model
+        from runners.engine.loaded import load_model
         from runners.settings import load_settings
 
         settings = load_settings()

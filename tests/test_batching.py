@@ -165,7 +165,7 @@ def test_the_cost_model_is_fitted_from_timings():
 
 def test_mixed_requests_through_the_scheduler_get_the_vectors_each_text_gets_alone(default_model_path):
     """The real MiniLM replica, requests of mixed lengths batched by the policy (sorted, cut, re-padded)."""
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": default_model_path})

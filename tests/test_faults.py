@@ -120,7 +120,7 @@ def test_a_stalled_model_makes_health_fail_and_the_server_exit(tmp_path, faulty_
 
 @pytest.fixture(scope="module")
 def faulty_model(faulty_folder):
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": faulty_folder, "SERVED_MODEL_NAMES": "faulty-local"})
@@ -315,7 +315,7 @@ def test_small_cpu_batches_run_on_one_thread_and_give_the_same_vectors(faulty_mo
     import torch
 
     from runners.engine.devices import single_thread_tokens
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.engine.scheduler import ModelScheduler
     from runners.settings import load_settings
 
@@ -420,7 +420,7 @@ def test_a_forward_thread_keeps_the_process_thread_count_after_another_thread_se
     import torch
 
     from runners.engine.devices import process_torch_threads
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.engine.scheduler import ModelScheduler
     from runners.settings import load_settings
 

@@ -38,7 +38,7 @@ ATOL = 1e-4
 
 
 def _load(folder: Path, kind: str | None = None):
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.settings import load_settings
 
     settings = load_settings({"MODEL_NAMES": str(folder), "DEVICE": "cpu", "BATCH_SIZES": "8"})
@@ -387,7 +387,7 @@ def measure_overhead(repeats: int = 5, batch: int = 32, words: int = 100) -> Non
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from runners.engine.registry import load_model
+    from runners.engine.loaded import load_model
     from runners.models.multi_output import META
     from runners.settings import load_settings
 

@@ -35,7 +35,7 @@ from runners.api.tei_schemas import (
 from runners.capabilities.queries import ClassifyQuery, EmbedQuery
 from runners.capabilities.service import InferenceService
 from runners.engine.health import HEALTH
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, ServiceError, Unavailable, from_validation_errors
 from runners.models.checkpoint import pooling_config
 from runners.vocabulary import CLASSIFY, EMBED, QWEN3_YES_NO, RERANK, SPARSE, SPARSE_EMBED, TOKENS

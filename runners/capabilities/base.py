@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from runners import metrics
-from runners.engine.registry import EngineRegistry, LoadedModel
+from runners.engine.loaded import LoadedModel
+from runners.engine.registry import EngineRegistry
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.models.qwen3 import embedding_instruction
 from runners.settings import Settings

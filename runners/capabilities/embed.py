@@ -16,7 +16,7 @@ from runners.capabilities import quantize
 from runners.capabilities.calibration_corpus import CALIBRATION_TEXTS
 from runners.capabilities.long_inputs import LongInputs
 from runners.capabilities.queries import EmbedQuery
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.models.token_inputs import TokenRequest
 from runners.vocabulary import DENSE, EMBED, OUTPUT_CAPABILITY, OUTPUT_KEYS, SPARSE, TOKENS, UNSPECIFIED_MODELS

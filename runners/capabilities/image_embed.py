@@ -32,7 +32,7 @@ from runners.capabilities.embed import Embedding
 from runners.capabilities.image_urls import ImageFetcher
 from runners.capabilities.images import DecodedImage, decode, inline_bytes, is_url
 from runners.capabilities.queries import EmbedQuery, Part
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge, ServiceError
 from runners.vocabulary import DENSE, EMBED, IMAGE, IMAGE_EMBED, TEXT
 

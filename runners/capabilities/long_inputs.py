@@ -24,7 +24,7 @@ import numpy as np
 
 from runners.capabilities.base import Capability
 from runners.capabilities.queries import Chunking, EmbedQuery
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.models.token_inputs import TokenRequest
 from runners.vocabulary import DENSE, EMBED

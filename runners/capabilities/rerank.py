@@ -12,7 +12,7 @@ import numpy as np
 
 from runners.capabilities.embed import Embedding
 from runners.capabilities.queries import RerankQuery
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest
 from runners.models.qwen3 import rerank_body_start
 from runners.vocabulary import COLBERT_MAXSIM, EMBEDDING_COSINE, QWEN3_YES_NO, RERANK, TOKENS

@@ -17,7 +17,8 @@ from runners.capabilities.image_embed import ImageEmbedding
 from runners.capabilities.queries import ClassifyQuery, EmbedQuery, RerankQuery
 from runners.capabilities.rerank import Reranking
 from runners.capabilities.tokenize import Tokenization
-from runners.engine.registry import EngineRegistry, LoadedModel
+from runners.engine.loaded import LoadedModel
+from runners.engine.registry import EngineRegistry
 from runners.settings import Settings
 from runners.vocabulary import CLASSIFY, EMBED, IMAGE_EMBED, RERANK
 

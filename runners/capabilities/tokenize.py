@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from runners.capabilities.base import Capability
-from runners.engine.registry import LoadedModel
+from runners.engine.loaded import LoadedModel
 from runners.vocabulary import EMBED, UNSPECIFIED_MODELS
 
 
