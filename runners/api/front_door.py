@@ -279,14 +279,19 @@ class FrontDoor:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
-                    id_header: tuple[bytes, bytes], tei: bool) -> int:
+    async def _whole_body(self, receive: Receive, send: Send, id_header: tuple[bytes, bytes], tei: bool) -> bytes | int:
+        """The body, or the status when there is none to go on with: 413 (answered here) or 499."""
         try:
             body = await self._body(receive)
         except _BodyTooLarge:
             return await self._too_large(send, id_header, tei)
-        if body is None:
-            return 499
+        return 499 if body is None else body
+
+    async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
+                    id_header: tuple[bytes, bytes], tei: bool) -> int:
+        body = await self._whole_body(receive, send, id_header, tei)
+        if isinstance(body, int):  # answered already (413), or the client went away (499)
+            return body
         try:
             request = route.schema.model_validate(orjson.loads(body))
         except Exception:  # noqa: BLE001 - not JSON orjson reads, or not the schema: the route answers, in its words
@@ -302,12 +307,9 @@ class FrontDoor:
         routes read such a body as their fields and answer a 500 when it is not a form (Starlette's
         parser raises a 400 that BentoML turns into its own 500). A malformed one is the client's 400;
         a well-formed one goes on, replayed."""
-        try:
-            body = await self._body(receive)
-        except _BodyTooLarge:
-            return await self._too_large(send, id_header, tei)
-        if body is None:
-            return 499
+        body = await self._whole_body(receive, send, id_header, tei)
+        if isinstance(body, int):  # answered already (413), or the client went away (499)
+            return body
         try:
             form = await Request({k: v for k, v in scope.items() if k != "app"}, _replay(body, receive)).form()
             await form.close()
