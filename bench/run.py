@@ -94,8 +94,6 @@ from bench.systems import (  # noqa: E402
 from bench.zero_cost import zero_cost_part, zero_cost_source  # noqa: E402
 from load_tests.processes import ServerProcess  # noqa: E402
 
-BENCH_DIR = Path(__file__).resolve().parent
-
 
 async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
