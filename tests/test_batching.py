@@ -1,12 +1,13 @@
 """The batching policy (runners.engine.batching) as plain functions, and the real scheduler on mixed
 lengths: sorted, cost-model cuts keep padding small, keep the fairness rules, and give the vectors
-each text gets alone."""
+each text gets alone; the cost model is timed while the model serves."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import random
+import time
 from collections import deque
 
 import numpy as np
@@ -190,3 +191,52 @@ def test_mixed_requests_through_the_scheduler_get_the_vectors_each_text_gets_alo
             alone = replica.encode_post(replica.encode_core(replica.encode_pre([text])))[0]
             cos = float(np.dot(got, alone) / (np.linalg.norm(got) * np.linalg.norm(alone)))
             assert cos >= 0.9999
+
+
+def test_the_cost_model_is_timed_while_the_model_serves_not_before(default_model_path):
+    """No start waits for the calibration passes: the model answers with the default cost model, and
+    the passes run one at a time while its batch loop is idle, then fit the model's own."""
+    from runners.engine.loaded import load_model
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": default_model_path})
+    model = load_model(settings.models[0], settings)
+    scheduler = model.scheduler
+    assert scheduler.calibrating and scheduler.cost is DEFAULT_COST and not scheduler.timings.samples
+    scheduler.start()
+    try:
+        vectors, _ = asyncio.run(scheduler.run(["answered while the passes are still to run"]))
+        assert len(vectors[0]) == 384
+        deadline = time.monotonic() + 60
+        while scheduler.calibrating and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not scheduler.calibrating
+        shapes = {(n, w) for n, w, _ in scheduler.timings.samples}
+        assert len(shapes) >= 3 and scheduler.cost is not DEFAULT_COST
+        assert scheduler.cost(8, 128) > scheduler.cost(1, 16) > 0
+    finally:
+        scheduler.stop()
+
+
+def test_failed_calibration_passes_leave_the_default_and_the_model_serving(default_model_path):
+    from runners.engine.loaded import load_model
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": default_model_path})
+    scheduler = load_model(settings.models[0], settings).scheduler
+
+    def failing():
+        yield
+        raise RuntimeError("a replica that refuses the synthetic input")
+
+    scheduler._calibration = failing()
+    scheduler.start()
+    try:
+        deadline = time.monotonic() + 60
+        while scheduler.calibrating and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not scheduler.calibrating and scheduler.cost is DEFAULT_COST
+        vectors, _ = asyncio.run(scheduler.run(["still served"]))
+        assert len(vectors[0]) == 384 and scheduler.dead_loops() == []
+    finally:
+        scheduler.stop()

@@ -217,3 +217,69 @@ def test_a_deferred_package_init_runs_when_a_name_it_defines_is_read(packages: s
     __import__(f"{pkg}.same")  # the submodule named like a function its __init__ re-exports
     assert module.same() == "the function"  # the __init__ ran: the name is the function, not the module
     assert module.HEAVY == "heavy" and type(module).__name__ == "module"
+
+
+# ---- transformers' index of its models, remembered ----
+
+INDEX_RUN = """
+import json, sys
+from runners.models import imports
+imports.INDEX_FILE = imports.Path(sys.argv[1])
+with imports.remembered_index():
+    import transformers
+    from transformers import AutoModel, BertModel
+from transformers.utils import import_utils
+scan = import_utils.define_import_structure
+report = {"wrapped": hasattr(scan, "__wrapped__"), "bert": BertModel.__name__, "auto": AutoModel.__name__,
+          "marker": transformers._class_to_module.get("RememberedMarker"), "same": []}
+for key, stored in imports._read_indexes().items():
+    version, path, prefix, _ = key.split("|")
+    if version == transformers.__version__:
+        real = scan.__wrapped__(path, None if prefix == "None" else prefix)
+        report["same"].append(imports._decode(stored) == real)
+print(json.dumps(report))
+"""
+
+
+def test_transformers_index_is_read_back_from_its_file_while_it_matches(tmp_path: Path) -> None:
+    index = tmp_path / "transformers-index.json"
+    first = run_fresh(INDEX_RUN.replace("sys.argv[1]", repr(str(index))), tmp_path)
+    assert first["wrapped"] and (first["bert"], first["auto"]) == ("BertModel", "AutoModel")
+    assert len(first["same"]) >= 2 and all(first["same"])  # what was stored is what transformers scans
+    assert first["marker"] is None
+    # A name only the file knows proves the next start reads it instead of scanning.
+    stored = json.loads(index.read_text())
+    models_key = next(k for k in stored if k.split("|")[2] == "models")
+    modules = next(m for _, m in stored[models_key] if "models.bert.modeling_bert" in m)
+    modules["models.bert.modeling_bert"].append("RememberedMarker")
+    index.write_text(json.dumps(stored))
+    second = run_fresh(INDEX_RUN.replace("sys.argv[1]", repr(str(index))), tmp_path)
+    assert second["marker"] == "models.bert.modeling_bert" and second["bert"] == "BertModel"
+    # Another version of transformers (or a changed folder): the stored entry no longer matches, it scans.
+    index.write_text(json.dumps({"0.0|" + k.split("|", 1)[1]: v for k, v in stored.items()}))
+    third = run_fresh(INDEX_RUN.replace("sys.argv[1]", repr(str(index))), tmp_path)
+    assert third["marker"] is None and all(third["same"]) and third["bert"] == "BertModel"
+
+
+def test_an_index_that_cannot_be_written_costs_only_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runners.models import imports
+
+    calls = []
+
+    def scan(path, prefix=None):
+        calls.append(path)
+        return {frozenset(): {"models.a": {"A"}}}
+
+    scanned = tmp_path / "models"
+    scanned.mkdir()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(imports, "INDEX_FILE", blocker / "index.json")  # a folder that is a file
+    remembering = imports.remembering_index(scan)
+    assert remembering(str(scanned), "models") == {frozenset(): {"models.a": {"A"}}}
+    assert calls == [str(scanned)]
+    monkeypatch.setattr(imports, "INDEX_FILE", tmp_path / "cache" / "index.json")
+    remembering = imports.remembering_index(scan)
+    remembering(str(scanned), "models")
+    assert imports.remembering_index(scan)(str(scanned), "models") == {frozenset(): {"models.a": {"A"}}}
+    assert len(calls) == 2  # the third call was read from the file the second wrote

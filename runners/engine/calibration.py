@@ -1,18 +1,20 @@
 """The cost model that the batching policy cuts batches by (runners.engine.batching.CostModel): how
 much a forward pass costs by itself, per padded token, and per padded token x width, on this device
-for this model. A few passes are timed when the model loads (`calibrate`, a fraction of a second);
-while it serves, every batch's time is one more sample (`CostSamples`), and the model is refitted
-from the newest of them, so a noisy start or a change of load is corrected."""
+for this model. A few passes are timed once the model serves, one at a time whenever its batch loop
+is idle (`timed_passes`, a fraction of a second in all; until then the device's default cost model
+cuts the batches, so no start waits for them); while it serves, every batch's time is one more
+sample (`CostSamples`), and the model is refitted from the newest of them, so a noisy start or a
+change of load is corrected."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from runners.engine.batching import DEFAULT_COST, CostModel
+from runners.engine.batching import CostModel
 from runners.engine.codec import FeatureCodec
 from runners.engine.memory import free_device_memory, is_out_of_memory
 
@@ -27,13 +29,22 @@ REFIT_EVERY = 64  # batches between refits while serving
 KEPT_SAMPLES = 512  # the newest batch timings a refit reads
 
 
-def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens: int,
-            budget: int) -> list[tuple[int, int, float]]:
-    """(items, width, seconds) of forward passes over rows cut from one long tokenized input: one
-    untimed pass (the first pass of a model pays for allocations), then the fastest of two per shape."""
+def probe_row(replica: Any, codec: FeatureCodec, probe: Sequence[Any]) -> tuple[dict[str, Any], int]:
+    """One long tokenized input (a text of the widest shape's words, a pair for a pair model), cut into
+    the rows of every shape; tokenized here, before the batch loop runs (a tokenizer is not thread-safe)."""
     words = " ".join(["a"] * max(SHAPES, key=lambda s: s[1])[1])
     text: Any = (words, words) if isinstance(probe[0], tuple) else words
     ((row, length),) = codec.split(replica.encode_pre([text]))
+    return row, length
+
+
+def timed_passes(replica: Any, codec: FeatureCodec, row: dict[str, Any], length: int, max_tokens: int,
+                 budget: int, before_pass: Callable[[int], None] | None = None,
+                 ) -> Generator[None, None, list[tuple[int, int, float]]]:
+    """(items, width, seconds) of forward passes of each shape cut from `row`, cheapest first: the
+    first pass of all untimed (it pays for allocations), then the fastest of two per shape. A
+    generator that yields after every pass, so the batch loop can run one whenever it is idle; its
+    return value is the timings. `before_pass(padded_tokens)` sets up a pass as a batch's would be."""
     out: list[tuple[int, int, float]] = []
     spent = 0.0
     warm = False
@@ -44,6 +55,8 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
         features = codec.collate([{key: value[:width] for key, value in row.items()}] * n)
         timings = []
         for attempt in range(2 if warm else 3):
+            if before_pass is not None:
+                before_pass(n * width)
             started = time.perf_counter()
             try:
                 replica.encode_post(replica.encode_core(features))
@@ -53,12 +66,22 @@ def samples(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens:
                 free_device_memory()  # wider shapes would not fit either
                 return out
             timings.append(time.perf_counter() - started)
-            spent += timings[-1] if warm or attempt else 0.0  # the first pass of all pays for allocations
+            spent += timings[-1] if warm or attempt else 0.0
+            yield
         out.append((n, width, min(timings if warm else timings[1:])))
         warm = True
         if spent > CALIBRATION_S and len(out) >= MIN_SHAPES:
             break
     return out
+
+
+def fitted(timed: Sequence[tuple[int, int, float]], name: str, default: CostModel, seconds: float) -> CostModel:
+    """The cost model of these timings, or `default` when they fit none (logged either way)."""
+    cost = CostModel.fit(timed) or default
+    log.info("model %s: cost model from %d timed passes in %.2fs%s: %.2f ms a pass + %.4f ms a padded token + "
+             "%.6f ms a token x width", name, len(timed), seconds, "" if cost is not default else " (the default)",
+             cost.fixed * 1e3, cost.per_token * 1e3, cost.per_pair * 1e3)
+    return cost
 
 
 class CostSamples:
@@ -76,28 +99,12 @@ class CostSamples:
         if self._since < REFIT_EVERY:
             return None
         self._since = 0
+        return self.fit()
+
+    def fit(self) -> CostModel | None:
         fastest: dict[tuple[int, int], float] = {}
         for items, width, seconds in self.samples:
             key = (items, width)
             fastest[key] = min(seconds, fastest.get(key, seconds))
         return CostModel.fit([(items, width, seconds) for (items, width), seconds in fastest.items()])
 
-
-def calibrate(replica: Any, codec: FeatureCodec, probe: Sequence[Any], max_tokens: int, budget: int,
-              name: str, default: CostModel = DEFAULT_COST) -> tuple[CostModel, list[tuple[int, int, float]]]:
-    """The model's cost model and the timings it came from, or `default` when it cannot be timed
-    (a replica that refuses the synthetic input or runs out of memory, or a device too slow or too
-    busy to time two shapes within CALIBRATION_S: the batches' own timings refit it soon)."""
-    started = time.perf_counter()
-    try:
-        timed = samples(replica, codec, probe, max_tokens, budget)
-    except Exception as exc:  # noqa: BLE001 - any failure leaves the default, the model still serves
-        free_device_memory()
-        log.warning("model %s: forward passes could not be timed (%s: %s); batches cut by the default cost model",
-                    name, type(exc).__name__, exc)
-        return default, []
-    cost = CostModel.fit(timed) or default
-    log.info("model %s: cost model from %d timed passes in %.2fs: %.2f ms a pass + %.4f ms a padded token + "
-             "%.6f ms a token x width", name, len(timed), time.perf_counter() - started, cost.fixed * 1e3,
-             cost.per_token * 1e3, cost.per_pair * 1e3)
-    return cost, timed

@@ -1,17 +1,18 @@
-"""A loaded model: its card (runners.models), its scheduler(s) with a cost model timed at load, its
+"""A loaded model: its card (runners.models), its scheduler(s) with a cost model timed once it serves, its
 counters and its /v1/models entry; loading models one after the other in a thread of their own."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from runners.engine.batching import DEFAULT_COST, DEFAULT_GPU_COST
-from runners.engine.calibration import CostSamples, calibrate
+from runners.engine.calibration import probe_row
 from runners.engine.devices import default_batch_tokens, on_gpu, process_torch_threads, single_thread_tokens, torch_on_cpu
 from runners.engine.scheduler import ModelScheduler
 from runners.models.card import ModelCard
@@ -19,6 +20,7 @@ from runners.models.load import load_card
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, TOKENS
 
+log = logging.getLogger("embed_rerank.engines")
 _PROBE_TEXTS = ["a", "a b c d e f g h"]  # two lengths: the scheduler learns how the replica pads
 _LOADS = itertools.count(1)  # numbers each model load: the cache never answers from a model loaded before
 
@@ -112,10 +114,15 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
         max_batch_tokens=spec.max_batch_tokens or default_batch_tokens(settings), probe=probe,
         single_thread_tokens=single_thread_tokens(replica, settings),
         cpu_threads=process_torch_threads() if torch_on_cpu(replica, settings) else 0,
+        cost=DEFAULT_GPU_COST if on_gpu(settings) else DEFAULT_COST,
     )
-    scheduler.cost, timed = calibrate(replica, scheduler.codec, probe, card.max_tokens, scheduler.budget.limit,
-                                      spec.served_name, DEFAULT_GPU_COST if on_gpu(settings) else DEFAULT_COST)
-    scheduler.timings = CostSamples(timed)
+    try:
+        row, length = probe_row(replica, scheduler.codec, probe)
+    except Exception as exc:  # noqa: BLE001 - the default cost model stays; batches refit it
+        log.warning("model %s: no calibration input (%s: %s); batches cut by the default cost model",
+                    spec.served_name, type(exc).__name__, exc)
+    else:
+        scheduler.calibrate_when_idle(row, length, card.max_tokens)
     return LoadedModel(**card.card_fields(), scheduler=scheduler)
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from runners import metrics
 from runners.engine.batching import DEFAULT_COST, CostModel, Item, QueuedRequest, padded_tokens, priority_of, take_batch
-from runners.engine.calibration import CostSamples
+from runners.engine.calibration import CostSamples, fitted, timed_passes
 from runners.engine.codec import FeatureCodec
 from runners.engine.devices import process_torch_threads
 from runners.engine.memory import TokenBudget, free_device_memory, is_out_of_memory
@@ -58,11 +58,13 @@ class ModelScheduler(TokenizerStage):
                  single_thread_tokens: int = 0, cpu_threads: int = 0, cost: CostModel = DEFAULT_COST) -> None:
         self.replica = replica
         self.probe = probe
-        # What a forward pass costs by its shape (runners.engine.calibration fits it at load): the
-        # batching policy cuts the ready items into the batches that finish them soonest, and every
-        # batch's time refits it (runners.engine.calibration).
+        # What a forward pass costs by its shape (runners.engine.calibration): the batching policy
+        # cuts the ready items into the batches that finish them soonest. The device's default until
+        # the passes of `calibrate_when_idle` are timed; every batch's time refits it.
         self.cost = cost
         self.timings = CostSamples()
+        self._calibration: Any = None  # the timed passes still to run (a generator), run when idle
+        self._calibration_started = 0.0
         # CPU torch models: batches of at most this many padded tokens run on one intra-op thread
         # (runners.engine.devices.single_thread_tokens says why and how much); 0: never.
         self.single_thread_tokens = single_thread_tokens
@@ -184,6 +186,40 @@ class ModelScheduler(TokenizerStage):
     def queued(self) -> int:
         return self._pending
 
+    def calibrate_when_idle(self, row: dict[str, Any], length: int, max_tokens: int) -> None:
+        """Time the calibration passes (runners.engine.calibration.timed_passes) on `row`, one pass
+        each time the batch loop has nothing to do: the model serves at once, with the default cost."""
+        def before_pass(padded: int) -> None:
+            if self.single_thread_tokens:
+                self._set_threads(padded)
+
+        self._calibration = timed_passes(self.replica, self.codec, row, length, max_tokens, self.budget.limit,
+                                         before_pass)
+
+    @property
+    def calibrating(self) -> bool:
+        return self._calibration is not None
+
+    def _calibration_step(self) -> None:
+        """One timed pass; after the last, the cost model from them (and any batch timed meanwhile)."""
+        if not self._calibration_started:
+            self._calibration_started = time.perf_counter()
+        try:
+            next(self._calibration)
+            return
+        except StopIteration as done:
+            timed = done.value
+        except Exception as exc:  # noqa: BLE001 - the default cost model stays, the model still serves
+            free_device_memory()
+            log.warning("model %s: calibration passes failed (%s: %s); batches cut by the default cost model",
+                        self.name, type(exc).__name__, exc)
+            timed = []
+        self._calibration = None
+        self.timings.samples.extend(timed)
+        if timed:
+            self.cost = fitted(list(self.timings.samples), self.name, self.cost,
+                               time.perf_counter() - self._calibration_started)
+
     # ---- the front: called on the event loop ----
 
     async def run(self, inputs: Sequence[Any], lengths: list[int] | None = None) -> tuple[list[Any], int]:
@@ -246,11 +282,15 @@ class ModelScheduler(TokenizerStage):
                 with self._cond:
                     while not self._stopping and not self._batch_ready():
                         self._last_progress = time.monotonic()
+                        if self._calibration is not None and not self._pending and not self._tokenizer_busy:
+                            break
                         self._cond.wait()
                     if self._stopping:
                         return
-                    batch = self._take_batch()
+                    batch = self._take_batch() if self._batch_ready() else []
                 if not batch:
+                    if self._calibration is not None:
+                        self._calibration_step()
                     continue
                 self._busy_since = time.monotonic()
                 self._running = batch
