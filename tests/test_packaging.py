@@ -3,6 +3,7 @@ serving, and the Kubernetes manifests checked against the API's models."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -81,9 +82,12 @@ def test_both_images_carry_compiled_bytecode(built_bento, tmp_path):
                    "BENTO_PATH": str(copy)}, check=True)
     missing = [p for p in (copy / "src").rglob("*.py") if not Path(importlib.util.cache_from_source(str(p))).exists()]
     assert not missing, missing[:5]
+    index = json.loads((copy / "src/runners/models/__pycache__/transformers-index.json").read_text())
+    assert any(key.split("|")[2] == "models" for key in index)  # transformers' index, built with the image
     runpod = (ROOT / "Dockerfile.runpod").read_text()
     compile_at = runpod.index("python -m compileall")
-    assert runpod.index("COPY runners ./runners") < compile_at < runpod.index("chmod -R a+rX /app")
+    index_at = runpod.index("import_model_stack()")
+    assert runpod.index("COPY runners ./runners") < compile_at < index_at < runpod.index("chmod -R a+rX /app")
 
 
 def test_bento_export_carries_the_models(built_bento, tmp_path):

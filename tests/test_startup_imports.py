@@ -61,7 +61,8 @@ async def first_answer():
 dims, phases = asyncio.run(first_answer())
 from runners.models.imports import HEAVY_MODULES
 loaded = sorted(m for m in HEAVY_MODULES if any(n == m or n.startswith(m + ".") for n in sys.modules))
-report = {"heavy": loaded, "dims": dims, "phases": phases}
+import gc
+report = {"heavy": loaded, "dims": dims, "phases": phases, "gc": gc.isenabled(), "frozen": gc.get_freeze_count()}
 """ + USE_DEFERRED + "print(json.dumps(report))"
 
 RUNPOD_PATH = """
@@ -102,6 +103,8 @@ def test_the_service_start_up_path_imports_no_heavy_module(tmp_path: Path) -> No
     report = run_fresh(SERVICE_PATH, tmp_path)
     assert report["heavy"] == [], f"imported on the way to the first answer: {report['heavy']}"
     assert report["dims"] == 384
+    # The collector was off while the stack imported, then froze what it created and runs again.
+    assert report["gc"] and report["frozen"] > 100_000
     phases = report["phases"]
     assert set(phases) >= {"imports_s", "weights_read_s", "to_device_s", "warmup_s", "ready_s"}
     assert phases["imports_s"] > 0 and phases["ready_s"] >= phases["warmup_s"] > 0
