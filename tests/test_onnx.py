@@ -4,7 +4,6 @@ the same vectors as torch."""
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import httpx
@@ -103,7 +102,7 @@ def test_optimum_backend_serves_over_http(start_server, cache):
     assert len(res["data"][0]["embedding"]) == 384
     (model,) = httpx.get(server.url + "/v1/models").json()["data"]
     assert model["backend"] == "optimum"
-    assert os.path.exists(next(cache.glob("*/model_int8.onnx")))  # auto picks int8 on a CPU
+    assert next(cache.glob("*/model_int8*.onnx"), None) is not None  # auto picks int8 on a CPU
 
 
 def test_ctranslate2_backend_gives_the_torch_vectors(torch_vectors):
