@@ -161,6 +161,7 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
                     raw[name].setdefault(f"{key}_p50_ms", []).append(point["p50_ms"] or 0.0)
                     raw[name].setdefault(f"{key}_errors", []).append(point["errors"])
                 model = "bench-model" if name == "infinity_server" else served_name
+                await asyncio.sleep(1.0)  # the batches of wrk's last requests still run after it stops
                 raw[name].setdefault("bulk", []).append(
                     await asyncio.to_thread(bulk_http, servers[name].url, route(name), model, bulk))
             ref = await asyncio.to_thread(reference, st_model, requests, 2 * args.connections, args.mixed_seconds)

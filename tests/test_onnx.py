@@ -56,9 +56,14 @@ def test_fp32_onnx_equals_torch_and_the_export_is_reused(cache, torch_vectors):
     assert exported.stat().st_mtime_ns == stamp, "the second start must reuse the export"
 
 
-def test_int8_close_to_torch_and_keeps_the_top_result(cache, torch_vectors):
+@pytest.mark.parametrize("signed", [True, False], ids=["signed weights (VNNI)", "unsigned weights"])
+def test_int8_close_to_torch_and_keeps_the_top_result(cache, torch_vectors, signed, monkeypatch):
+    from runners.models import onnx
+
+    monkeypatch.setattr(onnx, "signed_int8_weights", lambda: signed)
     env = {"BACKEND": "optimum", "ONNX_QUANTIZATION": "int8", "ONNX_CACHE_DIR": str(cache)}
     vectors = embed_all(env, CORPUS + QUERIES + DOCS)
+    assert next(cache.glob(f"*/{'model_int8s8.onnx' if signed else 'model_int8.onnx'}"), None) is not None
     cos = (vectors * torch_vectors).sum(1)
     assert cos.mean() >= 0.995 and cos.min() >= 0.99
     n = len(CORPUS)

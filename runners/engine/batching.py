@@ -10,7 +10,7 @@ batch). The first item of the pool (the oldest request of the turn) always rides
 
 Then length (`plan`): the pool is sorted by token length and cut into the batches that finish it
 soonest by the device's cost model (`CostModel`: a fixed cost per forward pass plus a cost per
-padded token and per padded token x width, fitted from timed passes when the model loads), within
+padded token and per padded token x width, fitted from passes timed while the model serves), within
 the batch size and the token budget. The batch that holds the oldest item runs now; the others wait
 for their turn. Mixed lengths no longer pad a two-word query to its 180-token neighbour, and
 uniform lengths still make one full batch.
