@@ -21,7 +21,6 @@ from runners import metrics, workers
 from runners.api import context, routes
 from runners.api.front_door import FrontDoor
 from runners.api.process import prepare_process
-from runners.capabilities.service import InferenceService
 from runners.engine.health import HEALTH
 from runners.lifecycle import install_in_arbiter, stop_server
 
@@ -58,6 +57,9 @@ APPS = routes.mounted_apps()
 @routes.native_apis  # /embed, /rerank, /classify, /tokenize as BentoML APIs, from the route table
 class EmbeddingService:
     def __init__(self) -> None:
+        # Imported here: the serving process imports this module too, and never serves a model.
+        from runners.capabilities.service import InferenceService
+
         self.inference = InferenceService(SETTINGS)
         context.bind(self.inference)
         # A model the watchdog cannot bring back: health says 503, then the whole server exits.

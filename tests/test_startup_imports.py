@@ -286,3 +286,16 @@ def test_an_index_that_cannot_be_written_costs_only_the_scan(tmp_path: Path, mon
     remembering(str(scanned), "models")
     assert imports.remembering_index(scan)(str(scanned), "models") == {frozenset(): {"models.a": {"A"}}}
     assert len(calls) == 2  # the third call was read from the file the second wrote
+
+
+def test_the_serving_process_imports_no_model_code(tmp_path: Path) -> None:
+    """`bentoml serve`'s serving process imports service.py before it starts the worker, which imports
+    it again: the serving process needs the routes and the config, never numpy, torch or the engine."""
+    code = textwrap.dedent("""
+        import json, sys
+        import bentoml
+        import service
+        print(json.dumps({"loaded": sorted(m for m in ("numpy", "torch", "transformers", "runners.capabilities.service",
+                                                          "runners.engine.loaded", "runners.models.load") if m in sys.modules)}))
+    """)
+    assert run_fresh(code, tmp_path)["loaded"] == []

@@ -4,8 +4,12 @@ synchronous dependency, which costs every request a trip through a thread pool."
 
 from __future__ import annotations
 
-from runners.capabilities.service import InferenceService
+from typing import TYPE_CHECKING
+
 from runners.errors import Unavailable
+
+if TYPE_CHECKING:  # BentoML's serving process imports the routes too, and never serves a model
+    from runners.capabilities.service import InferenceService
 
 _service: InferenceService | None = None
 

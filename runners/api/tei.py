@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.responses import PlainTextResponse, Response
@@ -33,12 +32,14 @@ from runners.api.tei_schemas import (
     TeiTokenizeRequest,
 )
 from runners.capabilities.queries import ClassifyQuery, EmbedQuery
-from runners.capabilities.service import InferenceService
 from runners.engine.health import HEALTH
-from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, ServiceError, Unavailable, from_validation_errors
 from runners.models.checkpoint import pooling_config
 from runners.vocabulary import CLASSIFY, EMBED, QWEN3_YES_NO, RERANK, SPARSE, SPARSE_EMBED, TOKENS
+
+if TYPE_CHECKING:  # BentoML's serving process imports the routes too, and never serves a model
+    from runners.capabilities.service import InferenceService
+    from runners.engine.loaded import LoadedModel
 
 TEI_VERSION = "1.8.0"  # the TEI API version whose shapes these routes follow
 
@@ -96,11 +97,13 @@ async def similarity(body: TeiSimilarityRequest) -> list[float]:
         prompt_name=params.prompt_name if params else None,
     )
     _, vectors, _ = await inference().embed_matrix(query)
-    return (vectors[1:] @ vectors[0]).astype(np.float64).tolist()
+    return (vectors[1:] @ vectors[0]).astype("float64").tolist()
 
 
 async def embed_all(body: TeiEmbedRequest) -> list[Any]:
     _, rows, _ = await inference().multi_outputs(replace(body.to_query(), outputs=(TOKENS,)))
+    import numpy as np  # not at import: BentoML's serving process imports the routes too
+
     return [np.asarray(r[TOKENS], dtype=np.float32).tolist() for r in rows]
 
 
