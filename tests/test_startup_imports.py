@@ -8,7 +8,9 @@
   SciPy functions, `from infinity_emb import AsyncEmbeddingEngine`, a plain `import sklearn`.
 - A real `bentoml serve` of the embedded default: its worker has no scikit-learn, SciPy,
   torchvision or torchaudio library mapped (read from /proc/<pid>/maps after a first answer).
-- The two mechanisms of `runners.models.imports` on throwaway packages.
+- The two deferring mechanisms of `runners.models.imports` on throwaway packages; transformers' index
+  read back from its file (and scanned again when it is stale); the collector frozen after the stack;
+  the serving process importing no model code.
 
 Features that import these modules for real keep their own tests: tests/test_onnx.py (optimum and
 ONNX Runtime), test_quantize.py, test_sparse.py, test_qwen3.py, test_clients.py.

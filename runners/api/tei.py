@@ -101,9 +101,9 @@ async def similarity(body: TeiSimilarityRequest) -> list[float]:
 
 
 async def embed_all(body: TeiEmbedRequest) -> list[Any]:
-    _, rows, _ = await inference().multi_outputs(replace(body.to_query(), outputs=(TOKENS,)))
     import numpy as np  # not at import: BentoML's serving process imports the routes too
 
+    _, rows, _ = await inference().multi_outputs(replace(body.to_query(), outputs=(TOKENS,)))
     return [np.asarray(r[TOKENS], dtype=np.float32).tolist() for r in rows]
 
 

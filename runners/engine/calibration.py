@@ -75,12 +75,13 @@ def timed_passes(replica: Any, codec: FeatureCodec, row: dict[str, Any], length:
     return out
 
 
-def fitted(timed: Sequence[tuple[int, int, float]], name: str, default: CostModel, seconds: float) -> CostModel:
-    """The cost model of these timings, or `default` when they fit none (logged either way)."""
-    cost = CostModel.fit(timed) or default
+def fitted(samples: CostSamples, name: str, default: CostModel, seconds: float) -> CostModel:
+    """The cost model of these timings (the fastest of each shape), or `default` when they fit none
+    (logged either way)."""
+    cost = samples.fit() or default
     log.info("model %s: cost model from %d timed passes in %.2fs%s: %.2f ms a pass + %.4f ms a padded token + "
-             "%.6f ms a token x width", name, len(timed), seconds, "" if cost is not default else " (the default)",
-             cost.fixed * 1e3, cost.per_token * 1e3, cost.per_pair * 1e3)
+             "%.6f ms a token x width", name, len(samples.samples), seconds, "" if cost is not default else
+             " (the default)", cost.fixed * 1e3, cost.per_token * 1e3, cost.per_pair * 1e3)
     return cost
 
 

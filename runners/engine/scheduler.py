@@ -217,8 +217,7 @@ class ModelScheduler(TokenizerStage):
         self._calibration = None
         self.timings.samples.extend(timed)
         if timed:
-            self.cost = fitted(list(self.timings.samples), self.name, self.cost,
-                               time.perf_counter() - self._calibration_started)
+            self.cost = fitted(self.timings, self.name, self.cost, time.perf_counter() - self._calibration_started)
 
     # ---- the front: called on the event loop ----
 
