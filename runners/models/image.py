@@ -119,8 +119,27 @@ def _blank_image() -> Any:
     return Image.new("RGB", (64, 48), color=(127, 127, 127))
 
 
-class TextSide:
+class _Tower:
+    """What both replicas run: the model's `get_<tower>_features` on a batch, one float32 row each."""
+
+    encoder: DualEncoder
+    tower: str  # "text" or "image"
+
+    def encode_core(self, features: dict[str, Any]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            forward = getattr(self.encoder.model, f"get_{self.tower}_features")
+            return _features(forward(**self.encoder.to_device(features)))
+
+    def encode_post(self, out: Any) -> list[Any]:
+        return list(out.float().cpu().numpy())
+
+
+class TextSide(_Tower):
     """The replica of the text tower (see the module docstring)."""
+
+    tower = "text"
 
     def __init__(self, encoder: DualEncoder) -> None:
         tokenizer = encoder.tokenizer
@@ -144,18 +163,10 @@ class TextSide:
             rows.append((row, len(encoded["input_ids"][i])))
         return rows
 
-    def encode_core(self, features: dict[str, Any]) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            return _features(self.encoder.model.get_text_features(**self.encoder.to_device(features)))
-
-    def encode_post(self, out: Any) -> list[Any]:
-        return list(out.float().cpu().numpy())
-
-
-class ImageSide:
+class ImageSide(_Tower):
     """The replica of the vision tower (see the module docstring)."""
+
+    tower = "image"
 
     def __init__(self, encoder: DualEncoder) -> None:
         self.encoder = encoder
@@ -196,16 +207,6 @@ class ImageSide:
 
     def encode_pre(self, images: list[PreparedImage]) -> list[tuple[dict[str, Any], int]]:
         return [(image.features, image.tokens) for image in images]
-
-    def encode_core(self, features: dict[str, Any]) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            return _features(self.encoder.model.get_image_features(**self.encoder.to_device(features)))
-
-    def encode_post(self, out: Any) -> list[Any]:
-        return list(out.float().cpu().numpy())
-
 
 class TextCodec:
     """Unpadded token rows; a batch padded as the tokenizer pads (its side and pad values), to the
