@@ -78,6 +78,7 @@ class Settings:
     memory: str = "8Gi"
     max_items: int = 2048
     max_chars: int = 100_000
+    max_request_chars: int = 16 * 1024 * 1024  # characters one request makes the model read (prompts and queries copied)
     max_token_vector_mb: int = 64
     max_chunks_per_input: int = 256
     max_body_bytes: int = 16 * 1024 * 1024
@@ -342,6 +343,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         memory=env.get("SERVICE_MEMORY", "").strip() or "8Gi",
         max_items=_int(env, "MAX_ITEMS_PER_REQUEST", 2048),
         max_chars=_int(env, "MAX_CHARS_PER_TEXT", 100_000),
+        # By default what the largest body could carry (a JSON character takes at least a byte): only copies
+        # that a request multiplies (a prompt onto every text, a query onto every document) can pass it.
+        max_request_chars=_int(env, "MAX_CHARS_PER_REQUEST", _int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024)),
         max_token_vector_mb=_int(env, "MAX_TOKEN_VECTORS_MB", 64),
         max_chunks_per_input=_int(env, "MAX_CHUNKS_PER_INPUT", 256),
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 16 * 1024 * 1024),

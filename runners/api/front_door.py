@@ -24,12 +24,15 @@ from runners.api.responses import (
     answer,
     envelope_for,
     is_tei,
+    parse_json,
     send_error,
     unauthorized,
 )
 from runners.engine.health import HEALTH
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.vocabulary import TEI_PREFIX
+
+_BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class _BodyTooLarge(Exception):
@@ -44,8 +47,14 @@ class FastRoute(Protocol):
 
 
 def _json_content(headers: dict[bytes, bytes]) -> bool:
-    kind = headers.get(b"content-type")
-    return kind is not None and kind.partition(b";")[0].strip().lower() == b"application/json"
+    """A body the routes read as JSON: anything but a form (BentoML reads a body of any other type, or of
+    none, as JSON; FastAPI those of no type and `application/*json`)."""
+    kind = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+    return kind not in (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+def _strictly_json(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-type", b"").partition(b";")[0].strip().lower() == b"application/json"
 
 
 def _multipart_content(headers: dict[bytes, bytes]) -> bool:
@@ -134,7 +143,7 @@ class FrontDoor:
       traffic limits, unknown paths) are rewritten into the OpenAI envelope;
     - `/docs.json` documents the error responses this service really sends;
     - the model routes in `fast_routes` are answered here when the request is well-formed (a JSON
-      body that the route's schema accepts): the body is parsed by orjson, validated by the route's
+      body that the route's schema accepts): the body is parsed by `parse_json`, validated by the route's
       schema and handed to the function the route itself calls, without the layers below this one
       (BentoML's request context, Starlette's and FastAPI's apps, routers, dependency resolution:
       most of the event loop's time per request, docs/performance.md). BentoML's timeout, traffic
@@ -206,9 +215,9 @@ class FrontDoor:
             if _multipart_content(headers):
                 status = await self._multipart(scope, receive, send, id_header, tei)
                 return
-            route = self.fast_routes.get(path)
-            if route is not None and scope["method"] == "POST" and _json_content(headers):
-                status = await self._fast(route, scope, receive, send, id_header, tei)
+            if scope["method"] in _BODY_METHODS and _json_content(headers):
+                fast = self.fast_routes.get(path) if scope["method"] == "POST" and _strictly_json(headers) else None
+                status = await self._json(fast, scope, receive, send, id_header, tei)
                 return
             status = await self._forward(scope, receive, send, id_header, tei)
         finally:
@@ -287,14 +296,26 @@ class FrontDoor:
             return await self._too_large(send, id_header, tei)
         return 499 if body is None else body
 
-    async def _fast(self, route: FastRoute, scope: Scope, receive: Receive, send: Send,
+    async def _json(self, route: FastRoute | None, scope: Scope, receive: Receive, send: Send,
                     id_header: tuple[bytes, bytes], tei: bool) -> int:
+        """A JSON body, on any route, is parsed here by `parse_json`, and a body it refuses is answered here
+        (the frameworks' own parsers answered a deep one with a RecursionError's 500, or TEI's 424). A fast
+        route answers from the parsed body when its schema accepts it; anything else goes on, replayed."""
         body = await self._whole_body(receive, send, id_header, tei)
         if isinstance(body, int):  # answered already (413), or the client went away (499)
             return body
+        if not body:  # nothing to parse: the route says what it needs
+            return await self._forward(scope, _replay(body, receive), send, id_header, tei)
         try:
-            request = route.schema.model_validate(orjson.loads(body))
-        except Exception:  # noqa: BLE001 - not JSON orjson reads, or not the schema: the route answers, in its words
+            data = parse_json(body)
+        except BadRequest as exc:
+            await send_error(send, exc, [id_header], tei)
+            return exc.status
+        if route is None:
+            return await self._forward(scope, _replay(body, receive), send, id_header, tei)
+        try:
+            request = route.schema.model_validate(data)
+        except Exception:  # noqa: BLE001 - not the schema: the route answers, in its words
             return await self._forward(scope, _replay(body, receive), send, id_header, tei)
         response = await answer(lambda: route.handle(request), tei)
         response.raw_headers.append(id_header)

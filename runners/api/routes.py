@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from runners.api import handlers, tei
-from runners.api.responses import answer, client_status_error, error_response, is_tei
+from runners.api.responses import answer, client_status_error, error_response, is_tei, parse_json
 from runners.api.schemas import (
     ClassifyRequest,
     CohereEmbedRequest,
@@ -146,11 +146,7 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
         async def call() -> Any:
             if route.method == "GET":
                 return await route.handle(dict(request.query_params))
-            try:
-                data = await request.json()
-            except ValueError:
-                raise BadRequest("the request body is not valid JSON: send one JSON object", code="invalid_json") from None
-            return await route.handle(data)
+            return await route.handle(parse_json(await request.body()))
 
         return await answer(call, tei_dialect)
 

@@ -63,6 +63,49 @@ class Capability:
                     param=param,
                     code="text_too_long",
                 )
+        self._check_read_chars(sum(map(len, texts)), f"{len(texts)} texts", param)
+
+    def _check_items(self, count: int, what: str, param: str) -> None:
+        """Every item that reaches a model counts against MAX_ITEMS_PER_REQUEST, whatever shape carried it
+        (texts, the parts of Cohere inputs, chunks)."""
+        if count > self.settings.max_items:
+            raise PayloadTooLarge(
+                f"this request reaches the model as {count} items ({what}); the limit is "
+                f"MAX_ITEMS_PER_REQUEST={self.settings.max_items}: split the request",
+                param=param, code="too_many_items")
+
+    def _check_read_chars(self, total: int, what: str, param: str) -> None:
+        """The characters one request makes the model read, copies included (a prompt on every text, a
+        query with every document), within MAX_CHARS_PER_REQUEST: checked before any copy is made."""
+        if total > self.settings.max_request_chars:
+            raise PayloadTooLarge(
+                f"this request makes the model read {total} characters ({what}); the limit is "
+                f"MAX_CHARS_PER_REQUEST={self.settings.max_request_chars}: split the request, or send a shorter "
+                "instruction or query", param=param, code="too_many_characters")
+
+    def _check_prompted(self, texts: list[str], prompt: str, param: str) -> None:
+        """Each text as the model reads it, its prompt (or instruction) in front, within MAX_CHARS_PER_TEXT, and
+        all of them within MAX_CHARS_PER_REQUEST, before `prompt + text` is built."""
+        if prompt:
+            room = self.settings.max_chars - len(prompt)
+            for i, text in enumerate(texts):
+                if len(text) > room:
+                    raise PayloadTooLarge(
+                        f"'{param}[{i}]' has {len(text)} characters and the prompt or instruction put before it "
+                        f"{len(prompt)}; the limit is MAX_CHARS_PER_TEXT={self.settings.max_chars} for both together: "
+                        "send a shorter instruction or text", param=param, code="text_too_long")
+        self._check_read_chars(sum(map(len, texts)) + len(prompt) * len(texts),
+                               f"{len(texts)} texts" + (f", each after a prompt of {len(prompt)}" if prompt else ""), param)
+
+    def _check_token_rows(self, ids: list[list[int]], param: str) -> None:
+        """Token-id inputs are decoded to text before anything else: their size is bounded first, as texts'
+        are (a token decodes to at least one character, or to nothing)."""
+        self._check_count(len(ids), param)
+        for i, row in enumerate(ids):
+            if len(row) > self.settings.max_chars:
+                raise PayloadTooLarge(f"'{param}[{i}]' has {len(row)} token ids; the limit is MAX_CHARS_PER_TEXT="
+                                      f"{self.settings.max_chars}", param=param, code="text_too_long")
+        self._check_read_chars(sum(map(len, ids)), f"{len(ids)} rows of token ids", param)
 
     async def _reject_long(self, model: LoadedModel, texts: list[str], param: str) -> None:
         """`truncate: false`: a text longer than the model's window is an error, not silently cut."""

@@ -76,7 +76,7 @@ class Embedding(LongInputs):
     async def _inputs(self, model: LoadedModel, q: EmbedQuery) -> tuple[list[str], str]:
         """The request's texts (ids decoded, checked) and the model's prompt for them."""
         if q.token_ids is not None:
-            self._check_count(len(q.token_ids), "input")  # before decoding thousands of rows
+            self._check_token_rows(q.token_ids, "input")  # before decoding thousands of rows
             texts = await self._texts_from_ids(model, q.token_ids)
         else:
             texts = q.texts or []
@@ -86,7 +86,9 @@ class Embedding(LongInputs):
                 f"dimensions={q.dimensions} is larger than the {model.dimensions} dimensions of {model.name!r}",
                 param="dimensions",
             )
-        return texts, self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+        prompt = self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+        self._check_prompted(texts, prompt, "input")
+        return texts, prompt
 
     async def _texts(self, model: LoadedModel, q: EmbedQuery) -> tuple[list[str], int]:
         """The request's texts as the model reads them (ids decoded, checked, prompted, truncated), and how

@@ -84,6 +84,7 @@ class ImageEmbedding(Embedding):
         parts = [part for input_parts in contents for part in input_parts]
         images = [p for p in parts if p.modality == IMAGE]
         texts = [p for p in parts if p.modality == TEXT]
+        self._check_items(len(parts), f"{len(contents)} inputs of {len(parts)} parts", "input")
         for i, input_parts in enumerate(contents):
             if not input_parts:
                 raise BadRequest(f"input {i} has no content: send a text or an image", param="input", code="empty_input")
@@ -137,8 +138,9 @@ class ImageEmbedding(Embedding):
         """The text parts as the model reads them: prompted, cut from the start or refused when long."""
         texts = [p.value for p in parts]
         prompt = self._prompt(model, q.input_type, q.instruction, q.prompt_name)
+        self._check_prompted(texts, prompt, "text")
         if q.truncate and q.truncate_left:
-            texts = await self._cut_start(model, texts, prompt)
+            texts, _ = await self._cut_start(model, texts, prompt)
         if prompt:
             texts = [prompt + t for t in texts]
         if not q.truncate:

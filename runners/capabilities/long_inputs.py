@@ -129,10 +129,13 @@ class LongInputs(Capability):
                              f"chunk (size {size} less {reserved} special and prompt tokens)", param="chunking.overlap",
                              code="invalid_chunking")
         tokenized = await asyncio.to_thread(model.token_spans, texts)
+        total = 0
         for i, (ids, _) in enumerate(tokenized):
             count = window_count(len(ids), room, chunking.overlap)
             if count > self.settings.max_chunks_per_input:
                 raise self._too_many(i, f"has {len(ids)} tokens: in chunks of {room} text tokens it", count)
+            total += count
+        self._check_items(total, f"{len(texts)} texts in {total} chunks of {room} text tokens", "input")
         chunks: list[Chunk] = []
         items: list[TokenRequest] = []
         for i, (ids, spans) in enumerate(tokenized):

@@ -13,7 +13,7 @@ import numpy as np
 from runners.capabilities.embed import Embedding
 from runners.capabilities.queries import RerankQuery
 from runners.engine.loaded import LoadedModel
-from runners.errors import BadRequest
+from runners.errors import BadRequest, PayloadTooLarge
 from runners.models.qwen3 import rerank_body_start
 from runners.vocabulary import COLBERT_MAXSIM, EMBEDDING_COSINE, QWEN3_YES_NO, RERANK, TOKENS
 
@@ -68,6 +68,26 @@ class Reranking(Embedding):
             values = sigmoid(values)
         return values.tolist(), int(usage)
 
+    def _check_rerank_cost(self, model: LoadedModel, q: RerankQuery) -> None:
+        """What the model reads: a cross-encoder (or Qwen3) reads the query, with its instruction, once per
+        document; an embedding model or ColBERT reads it once. Bounded before any pair is built."""
+        docs = sum(map(len, q.documents))
+        if model.rerank_via == EMBEDDING_COSINE:
+            query = len(self._prompt(model, "query", q.instruction)) + len(q.query)
+            docs += len(self._prompt(model, "document", None)) * len(q.documents)
+            copies = 1
+        elif model.rerank_via == COLBERT_MAXSIM:
+            query, copies = len(q.query), 1
+        else:
+            query = len(rerank_body_start(q.query, q.instruction)) if model.rerank_via == QWEN3_YES_NO else len(q.query)
+            copies = len(q.documents)
+        if query > self.settings.max_chars:
+            raise PayloadTooLarge(
+                f"'query' with its instruction and template has {query} characters; the limit is MAX_CHARS_PER_TEXT="
+                f"{self.settings.max_chars}: send a shorter query or instruction", param="query", code="text_too_long")
+        self._check_read_chars(query * copies + docs, f"a query of {query} read with each of {len(q.documents)} documents"
+                               if copies > 1 else f"a query of {query} and {len(q.documents)} documents", "query")
+
     async def rerank(self, q: RerankQuery, shape: str = "native") -> dict[str, Any]:
         """`shape`: "native" (documents as strings), "v1" (Jina/Cohere v1, documents as {text}) or "v2"."""
         model = self.registry.resolve(q.model, RERANK)
@@ -75,6 +95,7 @@ class Reranking(Embedding):
             raise BadRequest("'query' is an empty string: send the text to rank the documents against", param="query")
         self._check_texts([q.query], "query")
         self._check_texts(q.documents, "documents")
+        self._check_rerank_cost(model, q)
         docs = q.documents
         if q.max_tokens_per_doc is not None:
             docs = await self._cut_documents(model, docs, q.max_tokens_per_doc)

@@ -35,12 +35,13 @@ class Tokenization(Capability):
         model = self.any_model(model_name)
         self._check_texts(texts, "inputs")
         prompt = self._prompt(model, None, None, prompt_name) if prompt_name else ""
+        self._check_prompted(texts, prompt, "inputs")
         texts = [prompt + t for t in texts]
         return await asyncio.to_thread(model.token_details, texts, special)
 
     async def decode(self, ids: list[list[int]], model_name: str | None, skip_special: bool = True) -> list[str]:
         model = self.any_model(model_name)
-        self._check_count(len(ids), "ids")
+        self._check_token_rows(ids, "ids")
         self._check_vocabulary(model, ids, "ids", allow_empty=True)
         return await asyncio.to_thread(model.decode, ids, skip_special)
 
