@@ -156,8 +156,12 @@ class Lookups:
                     self.busy -= 1
 
             def deliver() -> None:
-                if not answer.done():
-                    answer.set_exception(error) if error is not None else answer.set_result(result or [])
+                if answer.done():
+                    return  # the fetch gave up on it (its deadline passed)
+                if error is not None:
+                    answer.set_exception(error)
+                else:
+                    answer.set_result(result or [])
 
             try:
                 loop.call_soon_threadsafe(deliver)
