@@ -178,26 +178,44 @@ _HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a
 
 def parse_image_url_hosts(value: str) -> tuple[str, ...]:
     """IMAGE_URL_HOSTS: host names (`images.example.com`), subdomain patterns (`*.example.com`), IP
-    addresses, or `*` (any host whose address is public), separated by `;` or `,`."""
+    addresses, or `*` (any host whose address is public), each with `:port` where images come from
+    another port than 80 and 443 (`images.example.com:8080`, `[2001:db8::1]:8443`), separated by
+    `;` or `,`. IPv6 addresses are kept bare, or in brackets when a port follows."""
     hosts = []
     for raw in value.replace(",", ";").split(";"):
         host = raw.strip().lower().rstrip(".")
         if not host:
             continue
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
+        port = ""
+        if "/" in host:
+            raise _not_a_host(raw)
+        if host.startswith("["):
+            host, _, port = host[1:].partition("]")
+            if port and not port.startswith(":"):
+                raise _not_a_host(raw)
+            port = port[1:]
+        elif host.count(":") == 1:
+            host, port = host.split(":")
+            host = host.rstrip(".")
+        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise SettingsError(f"IMAGE_URL_HOSTS has {raw.strip()!r}, whose port is not a number from 1 to 65535: "
+                                "write host:port, e.g. images.example.com:8080")
         try:
-            hosts.append(str(ipaddress.ip_address(host)))
-            continue
+            address = ipaddress.ip_address(host)
+            host = f"[{address}]" if port and address.version == 6 else str(address)
         except ValueError:
-            pass
-        if "://" in host or "/" in host or ":" in host or not _HOST_PATTERN.match(host):
-            raise SettingsError(
-                f"IMAGE_URL_HOSTS has {raw.strip()!r}, which is not a host: give host names without scheme, port "
-                "or path (images.example.com), *.example.com for its subdomains, IP addresses, or * for any public host"
-            )
-        hosts.append(host)
+            if "://" in host or "/" in host or ":" in host or not _HOST_PATTERN.match(host):
+                raise _not_a_host(raw) from None
+        hosts.append(f"{host}:{int(port)}" if port else host)
     return tuple(dict.fromkeys(hosts))
+
+
+def _not_a_host(raw: str) -> SettingsError:
+    return SettingsError(
+        f"IMAGE_URL_HOSTS has {raw.strip()!r}, which is not a host: give host names without scheme or path "
+        "(images.example.com, or images.example.com:8080 for a port other than 80 and 443), *.example.com for its "
+        "subdomains, IP addresses, or * for any public host"
+    )
 
 
 def _image_urls(env: Mapping[str, str]) -> tuple[bool, tuple[str, ...]]:

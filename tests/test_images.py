@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import http.server
 import io
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from test_image_inputs import encoded, png_bomb
+from test_image_inputs import encoded, many_scans_jpeg, png_bomb
 
 from load_tests.processes import ServerProcess
 
@@ -289,6 +290,77 @@ def test_bad_images_are_4xx_and_spare_the_others(server):
     res = httpx.post(server.url + "/v2/embed", json={"model": "clip", "input_type": "image",
                                                      "inputs": [{"content": [part]}]})
     assert res.status_code == 400 and "inputs[0].content[0]" in res.json()["error"]["message"]
+
+
+def worker_rss_mb(server: ServerProcess) -> float:
+    import psutil
+
+    root = psutil.Process(server.proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+def timed_post(url: str, body: dict, delay: float = 0.0) -> tuple[httpx.Response, float]:
+    time.sleep(delay)
+    started = time.perf_counter()
+    res = httpx.post(url, json=body, timeout=60)
+    return res, time.perf_counter() - started
+
+
+def test_jpegs_of_thousands_of_scans_are_refused_at_once_and_texts_go_on(server):
+    """Seconds of CPU each to decode (2,000 scans over 2048 x 2048 pixels, 57 KB): refused by their scan
+    count before decoding; a text sent meanwhile does not wait behind them, and memory stays flat."""
+    hostile = as_uri(many_scans_jpeg(), "jpeg")
+    text = {"model": "minilm", "input": ["a lone query"]}
+    timed_post(server.url + "/embed", text)  # warm
+    before = worker_rss_mb(server)
+    bodies = [{"model": "clip", "modality": "image", "input": [URIS[0], hostile, hostile]} for _ in range(4)]
+    with cf.ThreadPoolExecutor(6) as pool:
+        bads = [pool.submit(timed_post, server.url + "/embed", body) for body in bodies]
+        lone = pool.submit(timed_post, server.url + "/embed", text, 0.05)
+        for future in bads:
+            res, took = future.result()
+            assert res.status_code == 400 and took < 1.0, (res.text, took)
+            error = res.json()["error"]
+            assert error["code"] == "image_too_complex" and "input[1]" in error["message"], error
+        res, took = lone.result()
+        assert res.status_code == 200 and took < 1.5, (res.text, took)
+    assert worker_rss_mb(server) - before < 50, (before, worker_rss_mb(server))
+
+
+@pytest.fixture(scope="module")
+def url_server(start_server, models: dict[str, Path]) -> ServerProcess:
+    """Image URLs allowed from any host (a public address on port 80 or 443), with a short deadline."""
+    return start_server({"MODEL_NAMES": str(models["clip"]), "SERVED_MODEL_NAMES": "clip", "IMAGE_URLS": "allow",
+                         "IMAGE_URL_HOSTS": "*", "IMAGE_URL_TIMEOUT": "0.5"})
+
+
+def test_urls_to_private_addresses_are_one_quick_error(url_server, origin):
+    """Every URL that leads to this machine or the cloud's metadata address, in whatever form, is the
+    same 400 within a second, and nothing reaches the local web server; a text goes on meanwhile."""
+    urls = ["http://169.254.169.254/latest/meta-data/", "http://[64:ff9b:1::a9fe:a9fe]/latest",
+            "http://[::a9fe:a9fe]/latest", "http://[::ffff:0:a9fe:a9fe]/latest", "http://[64:ff9b::a00:1]/",
+            "http://[2002:a9fe:a9fe::1]/", "http://localhost/cat.png", "http://127.1/cat.png", "http://0x7f000001/"]
+    text = {"model": "clip", "input": ["a lone query"]}
+    timed_post(url_server.url + "/embed", text)
+    with cf.ThreadPoolExecutor(len(urls) + 1) as pool:
+        futures = {url: pool.submit(timed_post, url_server.url + "/embed",
+                                    {"model": "clip", "modality": "image", "input": [URIS[0], url]}) for url in urls}
+        lone = pool.submit(timed_post, url_server.url + "/embed", text, 0.05)
+        shapes = set()
+        for url, future in futures.items():
+            res, took = future.result()
+            assert res.status_code == 400 and took < 1.0, (url, res.text, took)
+            error = res.json()["error"]
+            assert error["code"] == "image_url_fetch_failed", (url, error)
+            shapes.add(error["message"].replace(url, "URL"))
+        assert len(shapes) == 1, shapes
+        res, took = lone.result()
+        assert res.status_code == 200 and took < 1.5, (res.text, took)
+    port = origin.server_address[1]
+    res = httpx.post(url_server.url + "/embed", json={"model": "clip", "modality": "image",
+                                                      "input": f"http://127.0.0.1:{port}/cat.png"})
+    assert res.status_code == 400 and f"IMAGE_URL_HOSTS lists '127.0.0.1:{port}'" in res.json()["error"]["message"]
+    assert origin.requests == []
 
 
 def test_runpod_jobs_take_the_same_fields(monkeypatch, models, references):

@@ -12,8 +12,10 @@ at 224 / 16); /v1/models shows a model's `image_tokens`. Cohere's `billed_units`
 `images`, `image_tokens` and `text_tokens`.
 
 Images are checked, decoded and put through the model's processor by runners.capabilities.images,
-in worker threads (at most one per CPU at a time), before the model sees them; URLs are fetched by
-runners.capabilities.image_urls, and only when IMAGE_URLS=allow.
+in the image pool (image_pool(): at most IMAGE_THREADS threads, one per CPU, never asyncio's default
+executor, where texts are tokenized), before the model sees them; URLs are fetched by
+runners.capabilities.image_urls, only when IMAGE_URLS=allow, and each is decoded as soon as its
+bytes arrive, so only a few raw images are held at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import base64
 import io
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
@@ -36,7 +39,18 @@ from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge, ServiceError
 from runners.vocabulary import DENSE, EMBED, IMAGE, IMAGE_EMBED, TEXT
 
-IMAGES_PER_THREAD = 8  # images one worker thread decodes in a row (a request of many uses several threads)
+IMAGE_THREADS = 4  # the image pool's threads, at most (and at most one per CPU)
+_image_pool: ThreadPoolExecutor | None = None
+
+
+def image_pool() -> ThreadPoolExecutor:
+    """The threads that decode images and run the model's image processor: a pool of their own, so
+    texts, which are tokenized in asyncio's default executor, never wait behind images."""
+    global _image_pool
+    if _image_pool is None:
+        _image_pool = ThreadPoolExecutor(max(1, min(IMAGE_THREADS, os.cpu_count() or 1)),
+                                         thread_name_prefix="image-decode")
+    return _image_pool
 
 
 class ImageEmbedding(Embedding):
@@ -172,61 +186,44 @@ class ImageEmbedding(Embedding):
             return None
         return ImageFetcher(s.image_url_hosts, s.image_url_timeout_s, s.max_image_bytes, s.image_url_concurrency)
 
-    @cached_property
-    def _decode_gates(self) -> dict[asyncio.AbstractEventLoop, asyncio.Semaphore]:
-        return {}
-
-    def _decode_gate(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        gate = self._decode_gates.get(loop)
-        if gate is None:
-            gate = self._decode_gates[loop] = asyncio.Semaphore(max(1, os.cpu_count() or 1))
-        return gate
-
     async def _load_images(self, model: LoadedModel, parts: list[Part]) -> tuple[list[Any], list[DecodedImage]]:
-        """Each image's bytes (inline or fetched), checked, decoded and through the model's processor,
-        in worker threads; the first failure in input order is the answer."""
-        fetched: list[bytes | BaseException | None] = [None] * len(parts)
-        urls = [i for i, p in enumerate(parts) if is_url(p.value)]
-        if urls:
-            assert self.image_fetcher is not None
-            results = await asyncio.gather(*(self.image_fetcher.fetch(parts[i].value, parts[i].where) for i in urls),
-                                           return_exceptions=True)
-            for i, result in zip(urls, results):
-                fetched[i] = result
+        """Each image's bytes (inline, or fetched and decoded as they arrive), checked, decoded and put
+        through the model's processor in the image pool; only the processed tensors stay. The first
+        failure in input order is the answer, and the images after it are not worked on further."""
         limit, max_bytes, side = self.settings.max_image_pixels, self.settings.max_image_bytes, model.images
+        pool, loop = image_pool(), asyncio.get_running_loop()
 
-        def work(indices: range) -> list[Any]:
-            out: list[Any] = []
-            for i in indices:
-                try:
-                    data = fetched[i]
-                    if isinstance(data, BaseException):
-                        raise data
-                    if data is None:
-                        data = inline_bytes(parts[i].value, parts[i].where, max_bytes)
-                    image = decode(data, parts[i].where, limit, side.resized_pixels)
-                    prepared = side.prepare(image.image)
-                    image.image = None  # the full-size pixels go now; the processed tensor stays
-                    out.append((prepared, image))
-                except ServiceError as exc:
-                    out.append(exc)
-                except Exception as exc:  # noqa: BLE001 - the processor failing on an image is the image's fault
-                    out.append(BadRequest(f"{parts[i].where}: the model's image processor cannot read it "
-                                          f"({type(exc).__name__}: {str(exc)[:200]})", param=parts[i].where,
-                                          code="invalid_image"))
-            return out
+        def work(i: int, data: bytes | io.BytesIO | None) -> tuple[Any, DecodedImage]:
+            try:
+                if data is None:
+                    data = inline_bytes(parts[i].value, parts[i].where, max_bytes)
+                image = decode(data, parts[i].where, limit, side.resized_pixels)
+                del data
+                prepared = side.prepare(image.image)
+                image.image = None  # the full-size pixels go now; the processed tensor stays
+                return prepared, image
+            except ServiceError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the processor failing on an image is the image's fault
+                raise BadRequest(f"{parts[i].where}: the model's image processor cannot read it "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})", param=parts[i].where,
+                                 code="invalid_image") from None
 
-        async def chunk(indices: range) -> list[Any]:
-            async with self._decode_gate():
-                return await asyncio.to_thread(work, indices)
+        async def one(i: int) -> tuple[Any, DecodedImage]:
+            part = parts[i]
+            if is_url(part.value):
+                assert self.image_fetcher is not None
+                return await self.image_fetcher.fetch(
+                    part.value, part.where, lambda data: loop.run_in_executor(pool, work, i, data))
+            return await loop.run_in_executor(pool, work, i, None)
 
-        step = min(IMAGES_PER_THREAD, max(1, -(-len(parts) // (os.cpu_count() or 1))))
-        results = [r for rows in await asyncio.gather(*(chunk(range(i, min(i + step, len(parts))))
-                                                        for i in range(0, len(parts), step))) for r in rows]
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(parts))]
+        try:
+            results = [await task for task in tasks]  # in input order: the first failure is the answer
+        finally:
+            for task in tasks:
+                task.cancel()  # after a failure (or a cancelled request) what has not started never does
+            await asyncio.gather(*tasks, return_exceptions=True)
         return [r[0] for r in results], [r[1] for r in results]
 
     async def _warmup_images(self, model: LoadedModel) -> None:

@@ -10,8 +10,12 @@ hostile until checked). Every image, whether sent inline or fetched (runners.cap
    50-megapixel PNG of a few kilobytes is a 413, not 150 MB of memory. The model's processor is
    held to the same limit (CLIP's scales the shorter side up: a 1 x 20,000 strip would become
    32 x 640,000 pixels);
-4. it is decoded (the first frame of an animation), converted to RGB and put through the model's
-   own processor in a worker thread; only the processed tensor is kept.
+4. a JPEG's scans are counted before it decodes (MAX_JPEG_SCANS): each scan of a progressive JPEG
+   is another pass over the whole image, so a flat 2048 x 2048 JPEG with a 16-byte scan repeated
+   thousands of times is minutes of CPU from a few megabytes; a normal progressive JPEG has ~10;
+5. it is decoded (the first frame of an animation), converted to RGB and put through the model's
+   own processor in a thread of the image pool (runners.capabilities.image_embed), never the
+   default executor that tokenizes texts; only the processed tensor is kept.
 
 Whatever fails is a 4xx that names the input (`input[3]`, `images[0]`, `inputs[2].content[1]`):
 never a 5xx, and never the other requests' concern, because nothing of this runs in a batch.
@@ -34,6 +38,11 @@ _DATA_URI = re.compile(r"data:image/([a-z0-9.+-]+)((?:;[a-z0-9._=-]+)*);base64,"
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/=_-]+")
 HOW_TO_SEND = "send data:image/png;base64,... (or jpeg, webp, gif)"
+# libjpeg's progressive JPEGs have 6 (gray) to 10 scans, mozjpeg's about 12; a hand-written scan
+# script has at most a few dozen. Each scan costs a pass over the image, so this bounds the CPU.
+MAX_JPEG_SCANS = 64
+# The end of a JPEG's entropy-coded data: an 0xFF that is not a stuffed 0x00 nor a restart marker.
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 
 
 @dataclass
@@ -102,21 +111,62 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def jpeg_scans(data: bytes | memoryview, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans (SOS markers) of a JPEG, found by walking its segments: a segment is
+    skipped by its length (so the markers of an EXIF thumbnail inside APP1 are not counted) and a
+    scan's entropy-coded data by a compiled search for the next marker (C speed on 10 MB). Stops
+    counting past `stop_after`; a truncated file gives the scans seen so far (decoding reports it)."""
+    view = memoryview(data)
+    size, pos, scans = len(data), 2, 0  # past SOI
+    while pos + 1 < size and scans <= stop_after:
+        if data[pos] != 0xFF:
+            return scans  # not at a marker: corrupt, and the decoder says so
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        pos += 2
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            continue
+        if pos + 2 > size:
+            break
+        pos += (data[pos] << 8) | data[pos + 1]
+        if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next real marker
+            scans += 1
+            found = _JPEG_MARKER.search(view, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
+
+
 _BIT_DEPTHS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 
-def decode(data: bytes, where: str, max_pixels: int, resized_pixels: Any = None) -> DecodedImage:
-    """Sniff, check the header's size, then decode (blocking: run it in a worker thread).
+def decode(data: bytes | io.BytesIO, where: str, max_pixels: int, resized_pixels: Any = None) -> DecodedImage:
+    """Sniff, check the header's size, then decode (blocking: run it in a worker thread). A fetched
+    image comes as the BytesIO it was written into, read where it lies (never copied).
 
     `resized_pixels(width, height)` is the model processor's intermediate size, held to the same limit."""
+    stream = data if isinstance(data, io.BytesIO) else io.BytesIO(data)
+    view = stream.getbuffer()
+    try:
+        return _decode(stream, view, where, max_pixels, resized_pixels)
+    finally:
+        view.release()
+
+
+def _decode(stream: io.BytesIO, view: memoryview, where: str, max_pixels: int, resized_pixels: Any) -> DecodedImage:
     from PIL import Image
 
-    kind = sniff(data)
+    kind = sniff(bytes(view[:16]))
     if kind is None:
         raise BadRequest(f"{where} is not a PNG, JPEG, WebP or GIF image (by its first bytes): {HOW_TO_SEND}",
                          param=where, code="invalid_image")
     try:
-        image = Image.open(io.BytesIO(data), formats=[kind])  # reads the header only
+        image = Image.open(stream, formats=[kind])  # reads the header only
         width, height = image.size
     except Image.DecompressionBombError:
         raise _too_many_pixels(where, None, None, max_pixels) from None
@@ -130,6 +180,13 @@ def decode(data: bytes, where: str, max_pixels: int, resized_pixels: Any = None)
             f"{where} is {width} x {height} pixels, too elongated: the model's processor would scale it to "
             f"{resized_pixels(width, height)} pixels (MAX_IMAGE_PIXELS={max_pixels}): crop it closer to a square",
             param=where, code="image_too_large")
+    if kind == "JPEG":
+        scans = jpeg_scans(view)
+        if scans > MAX_JPEG_SCANS:
+            image.close()
+            raise BadRequest(f"{where} is a JPEG of more than MAX_JPEG_SCANS={MAX_JPEG_SCANS} scans (a progressive JPEG "
+                             "has about 10; each costs a pass over the image): re-encode it as a baseline JPEG or PNG",
+                             param=where, code="image_too_complex")
     mode = image.mode
     try:
         image.load()  # the first frame of an animation
