@@ -20,7 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e .
 	touch $@
 
+# Chromium (Debian's): tests/test_pages.py opens the service's pages in it; installed when we are root.
+# Without it the tests skip, or fail where CI=true.
 install-test: $(VENV)/.installed-test
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+		echo "install-test: chromium is not installed (apt-get install chromium, as root): tests/test_pages.py will skip, or fail with CI=true"
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[test]"

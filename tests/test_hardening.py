@@ -141,3 +141,17 @@ def test_generated_request_ids_are_unique_32_hex_characters(default_server):
     assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     answered = {httpx.post(default_server.url + "/embed", json={"input": "x"}).headers["x-request-id"] for _ in range(3)}
     assert len(answered) == 3 and all(len(i) == 32 for i in answered)
+
+
+def test_page_shows_models_only_with_the_key(guarded):
+    # The page is public, as health is (a browser sends no Bearer header when it opens it), but without a key
+    # it names no model; /docs.json still needs the key (runners/api/pages.py).
+    url = guarded.url
+    public = httpx.get(url + "/")
+    assert public.status_code == 200 and "Ready" in public.text and "API_KEY is set" in public.text
+    assert "all-MiniLM-L6-v2" not in public.text and "384" not in public.text
+    keyed = httpx.get(url + "/", headers=AUTH)
+    assert keyed.status_code == 200 and "<code>all-MiniLM-L6-v2</code>" in keyed.text
+    assert httpx.get(url + "/", headers={"Authorization": "Bearer wrong"}).text == public.text
+    assert httpx.get(url + "/docs").status_code == 200 and httpx.get(url + "/ui/viewer.js").status_code == 200
+    assert httpx.get(url + "/docs.json").status_code == 401

@@ -15,6 +15,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from runners.api import pages
 from runners.api.logs import access_log, new_request_id
 from runners.api.openapi import openapi_with_envelopes
 from runners.api.responses import (
@@ -142,6 +143,9 @@ class FrontDoor:
     - error bodies that BentoML, Starlette or FastAPI answer by themselves (schema validation,
       traffic limits, unknown paths) are rewritten into the OpenAI envelope;
     - `/docs.json` documents the error responses this service really sends;
+    - the service's own pages, `/` and the API viewer `/docs`, are answered here (runners.api.pages):
+      public, without the models when API_KEY is set and the request has no key; BentoML's page at
+      `/` loaded Google Tag Manager;
     - the model routes in `fast_routes` are answered here when the request is well-formed (a JSON
       body that the route's schema accepts): the body is parsed by `parse_json`, validated by the route's
       schema and handed to the function the route itself calls, without the layers below this one
@@ -198,6 +202,12 @@ class FrontDoor:
         started = time.perf_counter()
         status = 500
         try:
+            if scope["method"] in ("GET", "HEAD") and pages.serves(path):
+                response = await pages.page(path, authorized=self._authorized(headers), key_set=bool(self.keys))
+                response.raw_headers.append(id_header)
+                await response(scope, receive, send)
+                status = response.status_code
+                return
             if not self._authorized(headers):
                 status = 401
                 await send_error(send, unauthorized(), [id_header], tei)

@@ -50,8 +50,15 @@ _ERROR_STATUSES = {"400": "Bad request", "401": "Missing or wrong API key", "404
                    "424": "TEI routes: the model failed on this request (TEI's Backend error)"}
 
 
+DESCRIPTION = ("Text embeddings, reranking and classification: native, OpenAI, Jina, Cohere and Text Embeddings "
+               "Inference compatible routes. Errors are answered in the OpenAI envelope (TEI's body under /tei).")
+
+
 def openapi_with_envelopes(doc: dict[str, Any]) -> dict[str, Any]:
-    """BentoML documents its own error bodies; the service answers in the OpenAI envelope."""
+    """BentoML documents its own error bodies; the service answers in the OpenAI envelope. BentoML's
+    description of a service served from source is its README with badge images from img.shields.io and
+    others, which an API viewer would load: the service describes itself."""
+    doc.setdefault("info", {})["description"] = DESCRIPTION
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorEnvelope"] = ERROR_ENVELOPE_SCHEMA
     schemas["TeiError"] = TEI_ERROR_SCHEMA

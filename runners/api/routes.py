@@ -3,7 +3,8 @@ method, path, request type and handler; from the table come the framework's rout
 for the native paths, one FastAPI app per mounted prefix) and FrontDoor's fast path (`fast=True`:
 a well-formed body is answered without the framework's layers, runners.api.front_door).
 
-Health (`/livez`, `/readyz`), `/metrics` and `/docs.json` are BentoML's own, shaped by FrontDoor.
+Health (`/livez`, `/readyz`), `/metrics` and `/docs.json` are BentoML's own, shaped by FrontDoor; the
+pages `/` and `/docs` are the service's own (runners.api.pages), answered by FrontDoor.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def mounted_apps() -> dict[str, FastAPI]:
     for prefix, title in MOUNTS.items():
         tei_app = prefix == TEI_PREFIX
         # TEI's OpenAPI document is TEI's own; the other apps keep FastAPI's at <prefix>/openapi.json.
-        app = FastAPI(title=title, **({"openapi_url": None} if tei_app else {}))
+        # No FastAPI docs pages: they load Swagger UI and ReDoc from a CDN (the service's own viewer is
+        # /docs, runners.api.pages).
+        app = FastAPI(title=title, docs_url=None, redoc_url=None, **({"openapi_url": None} if tei_app else {}))
         _install_error_handlers(app, tei_app)
         for route in ROUTES:
             if mount_of(route.path) == prefix:

@@ -70,6 +70,7 @@ class LoadedModel(ModelCard):
             # says what this service is.
             "owned_by": "infinity",
             "created": self.created,
+            "kind": self.kind,
             "capabilities": sorted(self.capabilities),
             "rerank_via": self.rerank_via,
             "path": self.spec.name_or_path,

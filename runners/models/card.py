@@ -24,6 +24,7 @@ class ModelCard:
     tokenizer: Any
     max_tokens: int
     dimensions: int | None = None
+    kind: str = ""  # vocabulary's model kind, as runners.models.detect resolved it (load_card sets it)
     prompts: dict[str, str] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     multi_label: bool = False

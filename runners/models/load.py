@@ -228,6 +228,7 @@ def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
     with timing_device_moves() as phases:
         card = LOADERS[kind](spec, settings, engine_args(spec, settings), kind)
     phases.imports_s = imports_s
+    card.kind = kind
     card.phases = phases
     card.load_seconds = phases.weights_read_s + phases.to_device_s
     return card
