@@ -44,8 +44,14 @@ def _exit_code(code: object) -> int:
 
 
 def _hand_over(folder: Path, uid: int, gid: int) -> None:
-    """Make `folder` (created if absent) and everything in it belong to the serving user."""
+    """Make `folder` (created if absent) and everything in it belong to the serving user.
+
+    Runs as root on a volume others may write: a symbolic link is never followed (a link planted as
+    the folder would hand over whatever it points to), links inside are changed themselves (lchown).
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() or any(parent.is_symlink() for parent in folder.parents):
+        raise OSError(f"{folder} is or lies under a symbolic link: remove the link, or set HF_HOME to a real folder")
     for root, dirs, files in os.walk(folder):
         for name in [".", *dirs, *files]:
             path = os.path.join(root, name)
@@ -82,9 +88,16 @@ def drop_privileges(user: str, writable: Sequence[str | Path] = ()) -> None:
     entry = serving_user(user)
     if entry is None:
         return
-    try:
-        for folder in writable:
+    for folder in writable:
+        try:
             _hand_over(Path(folder), entry.pw_uid, entry.pw_gid)
+        except OSError as exc:
+            raise SystemExit(
+                f"configuration error: RUN_AS_USER={user!r}: cannot hand the model cache {folder} to that user "
+                f"({exc}), and the worker does not serve as root in its place: fix the folder on the volume, or "
+                "bake the model into the image so that nothing downloads"
+            ) from None
+    try:
         os.setgroups([])
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)

@@ -396,6 +396,10 @@ def prepare_environment(
     baked_dir = Path(env.get("BAKED_MODELS_DIR", "").strip() or DEFAULT_BAKED_DIR)
     has_volume = volume.is_dir()
     models_root = volume / "models"
+    if has_volume and models_root.is_symlink():
+        # root writes and removes folders in there: a link would send that anywhere
+        log.warning("%s is a symbolic link: not using the network volume for models (remove the link)", models_root)
+        has_volume = False
     entries = _split(raw)
     served = [_served_name(e) for e in entries]
     rewritten = list(entries)

@@ -721,6 +721,28 @@ def test_the_download_cache_on_the_volume_is_handed_to_the_user(open_tmp: Path) 
     assert (open_tmp / "vol").stat().st_uid == 0  # only the cache changes hands
 
 
+def test_links_planted_on_the_volume_are_not_followed(tmp_path: Path) -> None:
+    from runpod_adapter import volume
+    from runpod_adapter.__main__ import _hand_over
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "huggingface").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic link"):
+        _hand_over(vol / "huggingface", 4242, 4242)
+    assert (elsewhere / "keep").stat().st_uid == os.getuid()
+
+    (vol / "models").symlink_to(elsewhere)
+    src = bake_fake(tmp_path / "models", "Tiny-Embed", "org/Tiny-Embed")
+    env = {"RUNPOD_VOLUME_PATH": str(vol), "BAKED_MODELS_DIR": str(tmp_path / "models"), "MODEL_NAMES": "org/Tiny-Embed"}
+    plan = volume.prepare_environment(env)
+    assert plan.baked == ["org/Tiny-Embed"] and env["MODEL_NAMES"] == str(src)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep"]
+
+
 def test_the_worker_serves_as_the_user(open_tmp: Path) -> None:
     """The real worker started as root with RUN_AS_USER=nobody: it answers its job, and says as whom."""
     nobody = root_and_nobody()
