@@ -10,7 +10,9 @@ runpod's own command-line flags choose the mode:
 
 Start order: the allocator first (the process re-executes itself once with it preloaded, see
 `preload_allocator`), then the network volume (`volume.prepare_environment` rewrites
-`MODEL_NAMES`), then, when started as root with `RUN_AS_USER` set, the switch to that user, then
+`MODEL_NAMES` and checks each copy's content hashes), then, when started as root with `RUN_AS_USER`
+set, the switch to that user (the cache a model downloads into on the volume handed to it first; a
+switch that fails ends the process with one line, it never serves as root in its place), then
 the settings are read (once; a bad value ends the process with one line), the model stack is
 imported and the models' weights start loading in threads, then runpod is imported and starts; the
 first job waits for the models (their schedulers and warm-up start inside the handler's event loop).
@@ -25,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("embed_rerank.runpod")
@@ -39,20 +43,78 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def drop_privileges(user: str) -> None:
-    """Serve as `user` once the volume is prepared (RunPod mounts the volume owned by root)."""
+def _hand_over(folder: Path, uid: int, gid: int) -> None:
+    """Make `folder` (created if absent) and everything in it belong to the serving user.
+
+    Runs as root on a volume others may write: a symbolic link is never followed (a link planted as
+    the folder would hand over whatever it points to), links inside are changed themselves (lchown).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() or any(parent.is_symlink() for parent in folder.parents):
+        raise OSError(f"{folder} is or lies under a symbolic link: remove the link, or set HF_HOME to a real folder")
+    for root, dirs, files in os.walk(folder):
+        for name in [".", *dirs, *files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if st.st_uid != uid or st.st_gid != gid:
+                os.lchown(path, uid, gid)
+
+
+def serving_user(user: str) -> Any:
+    """The `pwd` entry of the user to switch to, or None when there is nothing to drop (RUN_AS_USER
+    empty or root, or not started as root); a user that does not exist ends the process with one line."""
     import pwd
 
-    if os.geteuid() != 0 or not user or user == "root":
-        return
+    if not user or user == "root" or os.geteuid() != 0:
+        return None
     try:
-        entry = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise SystemExit(
+            f"configuration error: RUN_AS_USER={user!r} is not a user of this image, and the worker does not "
+            "serve as root in its place: create the user in the image (useradd), or set RUN_AS_USER to an "
+            "existing user (an empty RUN_AS_USER serves as root)"
+        ) from None
+
+
+def drop_privileges(user: str, writable: Sequence[str | Path] = ()) -> None:
+    """Serve as `user` once the volume is prepared (RunPod mounts the volume owned by root).
+
+    Fails closed: when started as root with a user to switch to, the process either ends up as that
+    user, unable to become root again, or exits with one line; it never serves as root by accident.
+    `writable` (the model cache on the volume, when a model downloads there) is handed to the user first.
+    An empty RUN_AS_USER, or `root`, stays root on purpose.
+    """
+    entry = serving_user(user)
+    if entry is None:
+        return
+    for folder in writable:
+        try:
+            _hand_over(Path(folder), entry.pw_uid, entry.pw_gid)
+        except OSError as exc:
+            raise SystemExit(
+                f"configuration error: RUN_AS_USER={user!r}: cannot hand the model cache {folder} to that user "
+                f"({exc}), and the worker does not serve as root in its place: fix the folder on the volume, or "
+                "bake the model into the image so that nothing downloads"
+            ) from None
+    try:
         os.setgroups([])
         os.setgid(entry.pw_gid)
         os.setuid(entry.pw_uid)
-    except (KeyError, OSError) as exc:
-        log.warning("RUN_AS_USER=%s: cannot switch to that user (%s); serving as root", user, exc)
-        return
+    except OSError as exc:
+        raise SystemExit(
+            f"configuration error: RUN_AS_USER={user!r}: cannot switch to that user ({exc}), and the worker does "
+            "not serve as root in its place: give the container the capabilities to change user (SETUID, "
+            "SETGID, CHOWN) or start it as that user; an empty RUN_AS_USER serves as root"
+        ) from None
+    try:
+        os.setuid(0)
+        regained = True
+    except OSError:
+        regained = False
+    if regained or os.geteuid() != entry.pw_uid or os.getegid() != entry.pw_gid:
+        raise SystemExit(f"configuration error: RUN_AS_USER={user!r}: the switch to that user did not hold "
+                         "(the process could still act as root): start the container as that user instead")
     os.environ["HOME"] = entry.pw_dir
     os.environ["USER"] = entry.pw_name
     log.info("serving as user %s (uid %d)", entry.pw_name, entry.pw_uid)
@@ -126,11 +188,13 @@ def main() -> None:
         openai_output = handler.openai_output_mode()
     except handler.ConfigError as exc:
         raise SystemExit(f"configuration error: {exc}") from None
+    run_as = os.environ.get("RUN_AS_USER", "").strip()
+    serving_user(run_as)  # an unknown user ends the process before anything is written to the volume
     plan = prepare_environment(os.environ)
-    if plan.writes_volume_later:
-        log.info("staying root: models download into %s on the network volume", plan.hf_home)
-    else:
-        drop_privileges(os.environ.get("RUN_AS_USER", "").strip())
+    # A model that downloads at run time writes the cache on the volume, which RunPod mounts owned
+    # by root: that cache is handed to the user, which then downloads into it.
+    writable = [plan.hf_home] if plan.writes_volume_later and plan.hf_home else []
+    drop_privileges(run_as, writable)
     handler.configure(aliases=plan.aliases, openai_output=openai_output)
     handler.get_service()  # reads the settings: a bad value ends the process here, with one line
     handler.begin_loading()  # imports the model stack; the weights load while runpod starts its API

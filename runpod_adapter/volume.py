@@ -10,13 +10,20 @@ network volume is mounted (`RUNPOD_VOLUME_PATH`, default `/runpod-volume`), ever
 - a temporary folder left by an interrupted copy is removed once nothing has written to it for
   `STALE_AFTER_S` seconds (several workers may share one volume and copy at the same time: each
   copies into its own temporary folder, and the first rename wins);
-- the marker holds a fingerprint of the baked folder (file names, sizes, source id): an image with
-  a different model revision copies again instead of loading the old copy.
+- the copy is checked before every use against the image: the SHA-256 of every file of the baked
+  folder (its manifest, `MANIFEST`, written at bake time into the image, or computed from the baked
+  folder when the image has none) is kept in the copy's marker, and each start hashes every file of
+  the copy (code, configs, tokenizer files and weights alike); a changed, extra or missing file, or
+  a marker that differs from the image's manifest, removes the copy and copies it again (the log
+  names the file). An image with another model revision has another manifest, so it copies again.
 
 `MODEL_NAMES` entries that name a baked model (its folder path, or the hub id it was baked from)
 are rewritten to the folder that will be loaded, and `SERVED_MODEL_NAMES` keeps the names they
 would have had, so clients see the same model names with or without a volume. A hub id that is
-neither baked nor on the volume downloads into `<volume>/huggingface` (`HF_HOME`).
+neither baked nor on the volume downloads into `<volume>/huggingface` (`HF_HOME`). A complete copy on
+the volume that this image did not bake (found by the hub id in its marker) cannot be checked against
+the image: it is used only when its files match its own marker and it holds no Python file; otherwise
+the model is downloaded by its hub id, like any other named model.
 
 This module only uses the standard library at import time: the image's model stage runs it
 (`python volume.py bake …`) before the project is installed.
@@ -25,6 +32,7 @@ This module only uses the standard library at import time: the image's model sta
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -44,10 +52,11 @@ DEFAULT_VOLUME_PATH = "/runpod-volume"
 DEFAULT_BAKED_DIR = "/models"
 MARKER = ".embed-rerank-complete"  # written last into a finished copy (JSON)
 SOURCE_FILE = ".embed-rerank-source"  # written at bake time: {"repo_id", "revision"}
+MANIFEST = ".embed-rerank-manifest.json"  # written at bake time: SHA-256 and size of every file
 PARTIAL = ".partial-"
 OLD = ".old-"
 STALE_AFTER_S = 600.0
-_SKIP = {MARKER, ".cache"}
+_SKIP = {MARKER, MANIFEST, ".cache"}
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -69,7 +78,9 @@ class Plan:
         return bool(self.downloads) and self.hf_home is not None
 
 
-# ---- fingerprints and markers ----
+# ---- manifests (content hashes) and markers ----
+
+_CHUNK = 1 << 20
 
 
 def _files(folder: Path) -> list[tuple[str, int]]:
@@ -92,14 +103,76 @@ def read_source(folder: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def fingerprint(folder: Path) -> dict:
-    """Names and sizes of every file plus the bake source: cheap, and changes with the revision."""
-    files = _files(folder)
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    for rel, size in files:
-        digest.update(f"{rel}\t{size}\n".encode())
-    digest.update(json.dumps(read_source(folder), sort_keys=True).encode())
-    return {"digest": digest.hexdigest(), "files": len(files), "bytes": sum(s for _, s in files)}
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _hash_all(folder: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of each file, several files at once (hashlib releases the GIL on large updates)."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(names)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return dict(zip(names, pool.map(lambda rel: sha256_file(folder / rel), names)))
+
+
+def _digest(files: dict[str, dict]) -> str:
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(f"{rel}\t{files[rel]['size']}\t{files[rel]['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def compute_manifest(folder: Path) -> dict:
+    """SHA-256 and size of every file of a model folder (markers and caches left out)."""
+    started = time.perf_counter()
+    listed = _files(folder)
+    # the largest first: one big weights file does not end up alone at the end of the pool
+    hashes = _hash_all(folder, [rel for rel, _ in sorted(listed, key=lambda f: -f[1])])
+    files = {rel: {"size": size, "sha256": hashes[rel]} for rel, size in listed}
+    total = sum(size for _, size in listed)
+    seconds = time.perf_counter() - started
+    log.info("hashed %s: %d files, %.1f MB in %.2fs (%.0f MB/s)", folder, len(files), total / 1e6, seconds,
+             total / 1e6 / max(seconds, 1e-9))
+    return {"algorithm": "sha256", "digest": _digest(files), "files": files, "bytes": total}
+
+
+def write_manifest(folder: Path) -> dict:
+    """Bake time: the folder's manifest, written into it (the image then carries the trusted hashes)."""
+    manifest = compute_manifest(folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def _valid_manifest(data: object) -> bool:
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return False
+    try:
+        return data.get("digest") == _digest(data["files"])
+    except (KeyError, TypeError):
+        return False
+
+
+def baked_manifest(folder: Path) -> dict:
+    """The manifest of a baked folder: the one baked into the image when it still lists exactly the
+    folder's files and sizes, else computed now (one read of the folder, at every start)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        data = None
+    if _valid_manifest(data):
+        listed = {rel: {"size": size} for rel, size in _files(folder)}
+        if listed == {rel: {"size": f["size"]} for rel, f in data["files"].items()}:
+            return data
+        log.warning("the manifest baked into %s does not list its files: hashing the folder instead", folder)
+    else:
+        log.info("no manifest baked into %s: hashing it (bake one with `python -m runpod_adapter.volume "
+                 "manifest %s` to save this at every start)", folder, folder.parent)
+    return compute_manifest(folder)
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -110,11 +183,40 @@ def read_marker(folder: Path) -> dict | None:
     return data if isinstance(data, dict) and "digest" in data else None
 
 
-def is_complete_copy(folder: Path, want: dict | None = None) -> bool:
+def copy_difference(folder: Path, want: dict) -> str | None:
+    """Why the copy in `folder` is not the content of `want` (a manifest), or None when every file
+    is there with the same SHA-256 and nothing else is; the marker must hold the same manifest."""
     marker = read_marker(folder)
     if marker is None:
-        return False
-    return want is None or marker.get("digest") == want["digest"]
+        return "it has no completion marker (an interrupted copy, or another tool's folder)"
+    if marker.get("digest") != want["digest"] or marker.get("files") != want["files"]:
+        return f"its marker {MARKER} does not hold the image's manifest (another model revision, or a changed marker)"
+    try:
+        have = dict(_files(folder))
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    for rel in sorted(set(want["files"]) - set(have)):
+        return f"file {rel} is missing"
+    for rel in sorted(set(have) - set(want["files"])):
+        return f"file {rel} is not in the image"
+    for rel in sorted(have):
+        if have[rel] != want["files"][rel]["size"]:
+            return f"file {rel} has another size than in the image"
+    try:
+        hashes = _hash_all(folder, sorted(have, key=lambda rel: -have[rel]))
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    for rel in sorted(hashes):
+        if hashes[rel] != want["files"][rel]["sha256"]:
+            return f"file {rel} differs from the image (SHA-256)"
+    return None
+
+
+def is_complete_copy(folder: Path, want: dict | None = None) -> bool:
+    """A finished copy (it has a marker); with `want`, one whose every file matches that manifest."""
+    if want is None:
+        return read_marker(folder) is not None
+    return copy_difference(folder, want) is None
 
 
 # ---- the atomic copy ----
@@ -149,22 +251,31 @@ def remove_stale_temporaries(root: Path, name: str, stale_after_s: float = STALE
 
 
 def copy_to_volume(src: Path, models_root: Path, stale_after_s: float = STALE_AFTER_S) -> tuple[Path, bool]:
-    """Make `<models_root>/<src.name>` a complete copy of `src`; returns (folder, copied_now)."""
+    """Make `<models_root>/<src.name>` a verified copy of `src`; returns (folder, copied_now)."""
     final = models_root / src.name
-    want = fingerprint(src)
-    if is_complete_copy(final, want):
-        return final, False
+    want = baked_manifest(src)
+    if final.exists():
+        started = time.perf_counter()
+        why = copy_difference(final, want)
+        if why is None:
+            log.info("checked the copy of %s on the network volume: %d files, %.1f MB hashed in %.2fs",
+                     src.name, len(want["files"]), want["bytes"] / 1e6, time.perf_counter() - started)
+            return final, False
+        log.warning("the copy of %s on the network volume is not the image's: %s; copying it again", src.name, why)
     models_root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(models_root, src.name, stale_after_s)
     tmp = models_root / f".{src.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    log.info("copying %s to the network volume (%d files, %.1f MB)", src, want["files"], want["bytes"] / 1e6)
+    log.info("copying %s to the network volume (%d files, %.1f MB)", src, len(want["files"]), want["bytes"] / 1e6)
     try:
         # shutil.copy, not copy2: fresh mtimes tell other workers that this copy is alive
         shutil.copytree(src, tmp, copy_function=shutil.copy, ignore=shutil.ignore_patterns(*_SKIP))
         marker = {**want, "source": str(src), **read_source(src), "copied_at": time.time(),
                   "host": socket.gethostname()}
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+        why = copy_difference(tmp, want)  # what was written is what will be loaded
+        if why is not None:
+            raise OSError(f"the copy just written differs from the image: {why}")
         _publish(tmp, final, want)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,11 +287,11 @@ def copy_to_volume(src: Path, models_root: Path, stale_after_s: float = STALE_AF
 def _publish(tmp: Path, final: Path, want: dict) -> None:
     """Rename the finished copy into place; a complete copy that got there first wins."""
     for _ in range(3):
-        if is_complete_copy(final, want):
+        if final.exists() and is_complete_copy(final, want):
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if final.exists():
-            # an older revision or a copy without marker: move it aside, then remove it
+            # another revision, a copy without marker or one that failed its check: move it aside, remove it
             old = final.with_name(f".{final.name}{OLD}{uuid.uuid4().hex[:8]}")
             try:
                 os.rename(final, old)
@@ -231,14 +342,30 @@ def find_baked(entry: str, baked_dir: Path) -> Path | None:
 
 
 def find_on_volume(entry: str, models_root: Path) -> Path | None:
-    """A complete copy on the volume whose source is this hub id (from an image that baked it)."""
+    """A copy on the volume whose source is this hub id, from an image that baked it (not this one).
+
+    This image cannot vouch for it: it is used when its files match the manifest in its own marker
+    (an intact copy) and it holds no Python file (nothing in it runs as code); otherwise None, and
+    the model is downloaded by its hub id like any other model MODEL_NAMES names.
+    """
     if Path(entry).is_absolute() or not models_root.is_dir():
         return None
     for folder in sorted(models_root.iterdir()):
-        if folder.is_dir() and not folder.name.startswith("."):
-            marker = read_marker(folder)
-            if marker and marker.get("repo_id") == entry:
-                return folder
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        marker = read_marker(folder)
+        if not marker or marker.get("repo_id") != entry:
+            continue
+        if not _valid_manifest(marker):
+            why = "its marker has no valid manifest (a copy by an older image)"
+        elif any(rel.endswith(".py") for rel in marker["files"]):
+            why = "it holds Python files, and this image did not bake it, so its code cannot be checked"
+        else:
+            why = copy_difference(folder, marker)
+        if why is None:
+            return folder
+        log.warning("not loading %s from %s, which this image did not bake: %s; downloading it by its hub id",
+                    entry, folder, why)
     return None
 
 
@@ -269,6 +396,10 @@ def prepare_environment(
     baked_dir = Path(env.get("BAKED_MODELS_DIR", "").strip() or DEFAULT_BAKED_DIR)
     has_volume = volume.is_dir()
     models_root = volume / "models"
+    if has_volume and models_root.is_symlink():
+        # root writes and removes folders in there: a link would send that anywhere
+        log.warning("%s is a symbolic link: not using the network volume for models (remove the link)", models_root)
+        has_volume = False
     entries = _split(raw)
     served = [_served_name(e) for e in entries]
     rewritten = list(entries)
@@ -357,6 +488,7 @@ def bake(models: list[str], dest: Path, revisions: list[str] | None = None) -> l
         )
         shutil.rmtree(folder / ".cache", ignore_errors=True)
         (folder / SOURCE_FILE).write_text(json.dumps({"repo_id": repo_id, "revision": sha}))
+        write_manifest(folder)
         out.append(folder)
     return out
 
@@ -368,8 +500,18 @@ def main(argv: list[str] | None = None) -> int:
     bake_cmd.add_argument("--dest", type=Path, default=Path(DEFAULT_BAKED_DIR))
     bake_cmd.add_argument("--models", required=True, help="';'-separated hub ids")
     bake_cmd.add_argument("--revisions", default="", help="';'-separated revisions (optional)")
+    manifest_cmd = sub.add_parser("manifest", help="write the content hashes of every model folder in a folder")
+    manifest_cmd.add_argument("dest", type=Path, nargs="?", default=Path(DEFAULT_BAKED_DIR))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.command == "manifest":
+        folders = sorted(p for p in args.dest.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+            if args.dest.is_dir() else []
+        if not folders:
+            parser.error(f"{args.dest} has no model folder: give the folder that holds one folder per model")
+        for folder in folders:
+            write_manifest(folder)
+        return 0
     models = _split(args.models)
     if not models:
         parser.error("--models names no model")

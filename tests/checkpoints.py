@@ -529,3 +529,15 @@ def build_tiny_siglip(folder: Path, seed: int = 0, window: int = 16) -> Path:
     tokenizer.save_pretrained(folder)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def build_foreign_code_embedder(folder: Path, code_repo: str = "other-org/other-repo") -> Path:
+    """A BERT embedder whose config.json asks for its model class from another repository
+    (`auto_map` "other-org/other-repo--modeling_x.Model"): TRUST_REMOTE_CODE must refuse it at start."""
+    import json
+
+    build_bert_embedder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": f"{code_repo}--modeling_x.Model", "AutoConfig": f"{code_repo}--configuration_x.Config"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

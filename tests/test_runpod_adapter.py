@@ -343,9 +343,9 @@ def bake_fake(baked: Path, name: str, repo_id: str | None, size: int = 4096) -> 
 
 
 def same_tree(a: Path, b: Path) -> bool:
-    from runpod_adapter.volume import MARKER
+    from runpod_adapter.volume import MANIFEST, MARKER
 
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != MANIFEST)
     return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != MARKER) and all(
         (a / f).read_bytes() == (b / f).read_bytes() for f in files
     )
@@ -435,6 +435,98 @@ def test_volume_new_model_revision_is_copied_again(tmp_path: Path) -> None:
     assert copied and same_tree(src, final)
 
 
+def tamper_same_size(path: Path, offset: int = 0) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+MODELING = "import os\nclass Model:\n    pass\n"
+
+
+@pytest.mark.parametrize("change", ["modeling file", "weights byte", "extra file", "missing file", "marker"])
+def test_volume_copy_that_differs_from_the_image_is_copied_again(
+    tmp_path: Path, change: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runpod_adapter import volume
+
+    baked, vol = tmp_path / "models", tmp_path / "vol"
+    vol.mkdir()
+    src = bake_fake(baked, "Tiny-Embed", "org/Tiny-Embed")
+    (src / "modeling_tiny.py").write_text(MODELING)
+    env = {"RUNPOD_VOLUME_PATH": str(vol), "BAKED_MODELS_DIR": str(baked), "MODEL_NAMES": "org/Tiny-Embed"}
+    assert volume.prepare_environment(dict(env)).copied == ["org/Tiny-Embed"]
+    copy = vol / "models" / "Tiny-Embed"
+    if change == "modeling file":  # same size, other code
+        (copy / "modeling_tiny.py").write_text(MODELING.replace("pass", "1/0 "))
+        assert (copy / "modeling_tiny.py").stat().st_size == (src / "modeling_tiny.py").stat().st_size
+        named = "file modeling_tiny.py differs"
+    elif change == "weights byte":
+        tamper_same_size(copy / "model.safetensors", 1000)
+        named = "file model.safetensors differs"
+    elif change == "extra file":
+        (copy / "1_Pooling" / "evil.py").write_text("x")
+        named = "file 1_Pooling/evil.py is not in the image"
+    elif change == "missing file":
+        (copy / "1_Pooling" / "config.json").unlink()
+        named = "file 1_Pooling/config.json is missing"
+    else:  # the tampered file's hash written into the marker too: the marker no longer is the image's
+        (copy / "modeling_tiny.py").write_text(MODELING.replace("pass", "1/0 "))
+        marker = json.loads((copy / volume.MARKER).read_text())
+        marker["files"]["modeling_tiny.py"]["sha256"] = volume.sha256_file(copy / "modeling_tiny.py")
+        (copy / volume.MARKER).write_text(json.dumps(marker))
+        named = "marker"
+    with caplog.at_level("WARNING", logger="embed_rerank.runpod.volume"):
+        plan = volume.prepare_environment(dict(env))
+    assert plan.copied == ["org/Tiny-Embed"] and not plan.reused
+    assert named in caplog.text and "copying it again" in caplog.text
+    assert same_tree(src, copy)
+    assert volume.prepare_environment(dict(env)).reused == ["org/Tiny-Embed"]  # and then it is used
+
+
+def test_volume_baked_manifest_is_used_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runpod_adapter import volume
+
+    baked, vol = tmp_path / "models", tmp_path / "vol"
+    src = bake_fake(baked, "Tiny-Embed", "org/Tiny-Embed")
+    assert volume.main(["manifest", str(baked)]) == 0  # the image's model stage
+    manifest = json.loads((src / volume.MANIFEST).read_text())
+    assert manifest["files"]["model.safetensors"]["sha256"] == volume.sha256_file(src / "model.safetensors")
+    assert set(manifest["files"]) == {"config.json", "model.safetensors", "1_Pooling/config.json", volume.SOURCE_FILE}
+    volume.copy_to_volume(src, vol / "models")
+    assert not (vol / "models" / "Tiny-Embed" / volume.MANIFEST).exists()  # the marker holds it
+
+    hashed: list[Path] = []
+    real = volume.compute_manifest
+    monkeypatch.setattr(volume, "compute_manifest", lambda folder: hashed.append(folder) or real(folder))
+    assert volume.copy_to_volume(src, vol / "models") == (vol / "models" / "Tiny-Embed", False)
+    assert hashed == []  # the baked folder is not read again: the image carries its hashes
+    (src / "model.safetensors").write_bytes(os.urandom(100))  # a manifest that no longer lists the folder
+    final, copied = volume.copy_to_volume(src, vol / "models")
+    assert hashed == [src] and copied and same_tree(src, final)
+
+
+def test_volume_copy_this_image_did_not_bake(tmp_path: Path) -> None:
+    """Found on the volume by its hub id only: used while intact and free of code, else downloaded."""
+    from runpod_adapter import volume
+
+    baked, vol = tmp_path / "models", tmp_path / "vol"
+    vol.mkdir()
+    src = bake_fake(baked, "Tiny-Embed", "org/Tiny-Embed")
+    volume.copy_to_volume(src, vol / "models")
+    copy = vol / "models" / "Tiny-Embed"
+    env = {"RUNPOD_VOLUME_PATH": str(vol), "BAKED_MODELS_DIR": str(tmp_path / "other-image"),
+           "MODEL_NAMES": "org/Tiny-Embed"}
+    assert volume.prepare_environment(dict(env)).reused == ["org/Tiny-Embed"]
+    tamper_same_size(copy / "model.safetensors")
+    assert volume.prepare_environment(dict(env)).downloads == ["org/Tiny-Embed"]
+
+    shutil.rmtree(copy)
+    (src / "modeling_tiny.py").write_text(MODELING)
+    volume.copy_to_volume(src, vol / "models")
+    assert volume.prepare_environment(dict(env)).downloads == ["org/Tiny-Embed"]  # code this image cannot check
+
+
 def test_volume_without_volume_or_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from runpod_adapter import volume
 
@@ -503,6 +595,79 @@ def test_bake_writes_the_source_and_is_found_by_hub_id(tmp_path: Path, monkeypat
     assert volume.find_baked("other/Tiny-Embed", tmp_path / "models") is None  # baked from another repo
 
 
+def run_worker(tmp: Path, extra: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "runpod_adapter", "--test_input", json.dumps({"input": {"input": "hi"}})],
+                          cwd=ROOT, env=worker_env(tmp, extra), capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_user_that_does_not_exist_ends_the_worker(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("RUN_AS_USER only acts when the worker starts as root")
+    done = run_worker(tmp_path, {"RUN_AS_USER": "no-such-user-here"})
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "RUN_AS_USER" in line]
+    assert lines == ["configuration error: RUN_AS_USER='no-such-user-here' is not a user of this image, and the worker "
+                     "does not serve as root in its place: create the user in the image (useradd), or set RUN_AS_USER "
+                     "to an existing user (an empty RUN_AS_USER serves as root)"], done.stderr[-2000:]
+
+
+def test_code_from_another_repository_is_refused_at_start(tmp_path: Path) -> None:
+    """A checkpoint whose config.json takes its model class from another repository: the worker exits
+    at start with one line naming the model and TRUST_REMOTE_CODE, before anything is fetched or run."""
+    from tests.checkpoints import build_foreign_code_embedder
+
+    folder = build_foreign_code_embedder(tmp_path / "foreign-embed")
+    done = run_worker(tmp_path, {"MODEL_NAMES": str(folder), "TRUST_REMOTE_CODE": "true"})
+    assert done.returncode == 1
+    [line] = [line for line in done.stderr.splitlines() if "TRUST_REMOTE_CODE" in line]
+    assert line.startswith(f"configuration error: model foreign-embed ({folder}) asks for custom code from another "
+                           "repository, other-org/other-repo (config.json: "), line
+    assert "loading model" not in done.stdout + done.stderr
+
+
+def fake_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Root as far as drop_privileges can tell, with a user to switch to; nothing really changes."""
+    import pwd
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: SimpleNamespace(pw_uid=4242, pw_gid=4242, pw_dir="/home/w",
+                                                                      pw_name=name))
+    monkeypatch.setattr(os, "setgroups", lambda groups: None)
+    monkeypatch.setattr(os, "setgid", lambda gid: None)
+
+
+def test_a_switch_that_fails_ends_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runpod_adapter.__main__ import drop_privileges
+
+    fake_root(monkeypatch)
+
+    def refused(uid: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setuid", refused)
+    with pytest.raises(SystemExit, match=r"RUN_AS_USER='worker': cannot switch to that user \(\[Errno 1\].*does not "
+                                         r"serve as root"):
+        drop_privileges("worker")
+
+
+def test_a_switch_that_does_not_hold_ends_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runpod_adapter.__main__ import drop_privileges
+
+    fake_root(monkeypatch)
+    monkeypatch.setattr(os, "setuid", lambda uid: None)  # "succeeds", and so does the way back to root
+    with pytest.raises(SystemExit, match="the switch to that user did not hold"):
+        drop_privileges("worker")
+
+
+def test_nothing_to_drop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runpod_adapter.__main__ import drop_privileges, serving_user
+
+    assert serving_user("") is None and serving_user("root") is None
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert serving_user("no-such-user-here") is None  # not root: already unprivileged
+    drop_privileges("no-such-user-here")
+
+
 def test_serving_user_after_the_volume(tmp_path: Path) -> None:
     import pwd
 
@@ -515,6 +680,111 @@ def test_serving_user_after_the_volume(tmp_path: Path) -> None:
     code = "from runpod_adapter.__main__ import drop_privileges; import os; drop_privileges('nobody'); print(os.getuid())"
     done = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=worker_env(tmp_path), capture_output=True, text=True)
     assert done.stdout.split() == [str(nobody.pw_uid)], done.stderr
+
+
+def root_and_nobody() -> Any:
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' here")
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A temporary folder other users can reach (pytest's own is root's alone)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="embed-rerank-users-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_download_cache_on_the_volume_is_handed_to_the_user(open_tmp: Path) -> None:
+    nobody = root_and_nobody()
+    cache = open_tmp / "vol" / "huggingface"
+    (cache / "hub" / "models--org--m").mkdir(parents=True)  # left by an earlier worker that stayed root
+    (cache / "hub" / "models--org--m" / "blob").write_text("x")
+    code = ("from runpod_adapter.__main__ import drop_privileges; import os, sys; "
+            "drop_privileges('nobody', [sys.argv[1]]); "
+            "open(os.path.join(sys.argv[1], 'hub', 'models--org--m', 'new'), 'w').write('y'); print(os.getuid())")
+    done = subprocess.run([PYTHON, "-c", code, str(cache)], cwd=ROOT, env=worker_env(open_tmp), capture_output=True,
+                          text=True)
+    assert done.stdout.split() == [str(nobody.pw_uid)], done.stderr
+    assert all(p.stat().st_uid == nobody.pw_uid for p in [cache, *cache.rglob("*")])
+    assert (open_tmp / "vol").stat().st_uid == 0  # only the cache changes hands
+
+
+def test_links_planted_on_the_volume_are_not_followed(tmp_path: Path) -> None:
+    from runpod_adapter import volume
+    from runpod_adapter.__main__ import _hand_over
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("x")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "huggingface").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="symbolic link"):
+        _hand_over(vol / "huggingface", 4242, 4242)
+    assert (elsewhere / "keep").stat().st_uid == os.getuid()
+
+    (vol / "models").symlink_to(elsewhere)
+    src = bake_fake(tmp_path / "models", "Tiny-Embed", "org/Tiny-Embed")
+    env = {"RUNPOD_VOLUME_PATH": str(vol), "BAKED_MODELS_DIR": str(tmp_path / "models"), "MODEL_NAMES": "org/Tiny-Embed"}
+    plan = volume.prepare_environment(env)
+    assert plan.baked == ["org/Tiny-Embed"] and env["MODEL_NAMES"] == str(src)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep"]
+
+
+def test_the_worker_serves_as_the_user(open_tmp: Path) -> None:
+    """The real worker started as root with RUN_AS_USER=nobody: it answers its job, and says as whom."""
+    nobody = root_and_nobody()
+    probe = subprocess.run([PYTHON, "-c", "from runpod_adapter.__main__ import drop_privileges; drop_privileges('nobody'); "
+                            "import pickle, numpy"], cwd=ROOT, env=worker_env(open_tmp), capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user nobody cannot read this Python's libraries here ({sys.base_prefix}): "
+                    f"{probe.stderr.strip().splitlines()[-1]}")
+    done = run_worker(open_tmp, {"RUN_AS_USER": "nobody"})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert f"serving as user nobody (uid {nobody.pw_uid})" in out and "completed successfully" in out
+
+
+def test_tampered_code_on_the_volume_is_never_run(tmp_path: Path) -> None:
+    """Two real starts with a baked model that runs its own modeling file: between them the volume copy's
+    modeling file is replaced by one of the same size that would fail every batch; the second start
+    copies the image's content again and answers."""
+    from runpod_adapter.volume import SOURCE_FILE
+    from tests.checkpoints import build_faulty_embedder
+
+    baked, vol = tmp_path / "models", tmp_path / "vol"
+    vol.mkdir()
+    src = build_faulty_embedder(baked / "custom-embed")
+    shutil.rmtree(baked / "custom-embed-base")
+    (src / SOURCE_FILE).write_text(json.dumps({"repo_id": "org/custom-embed"}))
+    env = {"RUNPOD_VOLUME_PATH": str(vol), "BAKED_MODELS_DIR": str(baked), "MODEL_NAMES": "org/custom-embed"}
+    copy = vol / "models" / "custom-embed" / "modeling_faulty.py"
+    for start in ("copies", "re-copies"):
+        done = run_worker(tmp_path, env)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-3000:]
+        assert "copied to the network volume" in out
+        if start == "copies":
+            original = copy.read_text()
+            head = '"""A BERT encoder that misbehaves on purpose'
+            evil = original.replace(head, '"""""";import os;os._exit(9);"""'.ljust(len(head)), 1)  # ends the worker
+            assert len(evil.encode()) == len(original.encode()) and evil != original
+            copy.write_text(evil)
+        else:
+            assert "file modeling_faulty.py differs from the image" in out
+            assert copy.read_text() == original
 
 
 def test_volume_worker_loads_from_the_volume(tmp_path: Path) -> None:

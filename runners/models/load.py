@@ -21,6 +21,7 @@ from runners.models.checkpoint import read_config
 from runners.models.detect import resolve_kind
 from runners.models.imports import import_model_stack, infinity_replica_class
 from runners.models.phases import timing_device_moves
+from runners.models.remote_code import check_model
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import (
     CLASSIFY,
@@ -219,7 +220,9 @@ def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
     waited = time.perf_counter()
     import_model_stack()  # once per process; a second model waits here for the first one's imports
     imports_s = time.perf_counter() - waited
-    kind = resolve_kind(spec, read_config(spec))
+    config = read_config(spec)
+    check_model(spec, settings)  # before transformers could run any of the checkpoint's code
+    kind = resolve_kind(spec, config)
     if spec.backend == "optimum" and kind in _TORCH_ONLY:
         raise ValueError(
             f"BACKEND=optimum serves embedding models; {spec.served_name} is a {kind} model: "
