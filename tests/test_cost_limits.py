@@ -182,6 +182,10 @@ def test_runpod_jobs_meet_the_same_limits(tmp_path: Path, rerankers: dict[str, P
             limit = "MAX_CHARS_PER_REQUEST" if name == "rerank" else "MAX_CHARS_PER_TEXT"
             assert "413" in answer["error"] and limit in answer["error"], (name, answer["error"][:300])
             assert seconds < 1.5, (name, seconds)  # the job's trip through runpod's local API included
+        # runpod parses the job itself (lone surrogates pass its parser): the service's own check answers
+        surrogate = client.post("/runsync", content=b'{"input": {"input": ["ok", "bad \\ud800"]}}',
+                                headers={"content-type": "application/json"}).json()
+        assert surrogate["status"] == "FAILED" and "lone UTF-16 surrogate" in surrogate["error"], surrogate
         lone = client.post("/runsync", json={"input": LONE}).json()
         assert len(lone["output"]["data"]) == 1
 

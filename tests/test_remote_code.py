@@ -58,7 +58,8 @@ def test_code_from_another_repository_is_refused_whatever_the_setting(tmp_path: 
         assert str(folder) in line
 
 
-def test_a_hub_model_may_name_its_own_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_hub_model_may_name_its_own_or_its_authors_code_repository(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from runners.models import remote_code
 
     files = {"config.json": folder_with(tmp_path, {"config.json": {
@@ -66,7 +67,8 @@ def test_a_hub_model_may_name_its_own_repository(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(remote_code, "model_file", lambda name, filename: files.get(filename))
     refs = code_references("org/model")
     assert refusal(spec("org/model"), True, refs) is None
-    assert "org/model" in refusal(spec("org/other"), True, refs)
+    assert refusal(spec("org/other"), True, refs) is None  # as nomic-embed names nomic-bert-2048's code
+    assert "TRUST_REMOTE_CODE=false" in refusal(spec("org/other"), False, refs)
     # a local folder's `repo--` entry is fetched at load time even when it names the folder's source
     assert refusal(spec(str(tmp_path / "model")), True, refs) is not None
 

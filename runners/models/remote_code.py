@@ -9,10 +9,12 @@ module class. An entry `module.Class` is a file of the model's own folder or rep
 The rule (checked before any model is built, `check_model`):
 - TRUST_REMOTE_CODE=true runs code from the model's own folder only: a folder or hub id that
   MODEL_NAMES names, or a folder baked into the image (on RunPod, a volume copy of it that matched the
-  image's hashes; a copy that does not is never loaded). An entry of a hub id model that names that
-  same repository is its own code too.
-- Code from another repository is never run: the model is refused at start, with one line naming
-  the model, the file and the entry.
+  image's hashes; a copy that does not is never loaded).
+- A hub id that MODEL_NAMES names comes with the code its author points to, from the hub, at the same
+  trust as its weights (nomic-embed's code lives in nomic-bert-2048, jina's in jina-bert-implementation).
+- A local folder never runs code from another repository: `org/repo--module.Class` would be fetched
+  from the hub, or read from a modules cache that may sit on a shared volume, at load time. The model
+  is refused at start, with one line naming the model, the file and the entry.
 - TRUST_REMOTE_CODE=false runs no custom code: a model that needs some is refused at start.
 """
 
@@ -101,18 +103,11 @@ def code_references(name_or_path: str) -> list[CodeReference]:
     return refs
 
 
-def own_repository(spec: ModelSpec) -> str | None:
-    """The repository whose code counts as the model's own when named with `repo--`: a hub id's
-    own. A local folder's code must be in the folder: `repo--` would fetch it at load time."""
-    return None if spec.is_local else spec.name_or_path
-
-
 def refusal(spec: ModelSpec, trust_remote_code: bool, refs: list[CodeReference]) -> str | None:
     """Why the model may not load under the rule above, as one line; None when it may."""
-    own = own_repository(spec)
     for ref in refs:
         repo = ref.repository
-        if repo is not None and repo != own:
+        if repo is not None and spec.is_local:
             return (f"model {spec.served_name} ({spec.name_or_path}) asks for custom code from another repository, "
                     f"{repo} ({ref.file}: {ref.entry!r}), and TRUST_REMOTE_CODE only runs code from a model's own "
                     "folder: put that code into the model's folder (and its auto_map entry without 'repo--'), "
