@@ -153,7 +153,7 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
 
     token_inputs = with_token_inputs(replica)
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
-    dims = replica.get_sentence_embedding_dimension() if hasattr(replica, "get_sentence_embedding_dimension") else None
+    dims = embedding_dimension(replica)
     max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
     return ModelCard(
         spec=spec, replica=replica, capabilities=frozenset({EMBED, RERANK}), rerank_via=EMBEDDING_COSINE,
@@ -161,6 +161,14 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
         prompts=dict(getattr(replica, "prompts", None) or {}), token_inputs=token_inputs,
         pooling=token_pooling(replica) if token_inputs else None,
     )
+
+
+def embedding_dimension(replica: Any) -> int | None:
+    """The replica's output width (sentence-transformers 5+ renamed the method; ours keep the old name)."""
+    for method in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+        if hasattr(replica, method):
+            return getattr(replica, method)()
+    return None
 
 
 def _multi_output(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
