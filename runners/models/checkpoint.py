@@ -14,6 +14,8 @@ def read_config(spec: ModelSpec) -> dict[str, Any]:
     """config.json of a local folder, or from the hub cache for an id."""
     if spec.is_local:
         path = Path(spec.name_or_path) / "config.json"
+        if not path.is_file() and (Path(spec.name_or_path) / "modules.json").is_file():
+            return {}  # a sentence-transformers model without a transformers body (StaticEmbedding)
         if not path.is_file():
             raise FileNotFoundError(f"{spec.name_or_path} has no config.json: it is not a transformers model folder")
     else:
