@@ -156,7 +156,8 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
     config = st_config(spec.name_or_path)
     if config.truncate_dim:
         truncate_outputs(replica, config.truncate_dim)
-    token_inputs = with_token_inputs(replica)
+    # Chunking and late chunking pool token vectors of the full width: not offered with truncate_dim.
+    token_inputs = not config.truncate_dim and with_token_inputs(replica)
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
     dims = embedding_dimension(replica)
     if config.truncate_dim and dims:
