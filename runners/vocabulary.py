@@ -30,8 +30,9 @@ AUTO = "auto"
 EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND = "embed", "rerank", "classify", "qwen3-reranker"
 SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND = "sparse", "colbert", "bge-m3", "tokens"
 MULTI_OUTPUT_KINDS = (SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND)  # runners.models.multi_output
+STATIC_KIND = "static"  # sentence-transformers' StaticEmbedding (model2vec): runners.models.static
 CLIP_KIND = "clip"  # a text tower and a vision tower into one space (CLIP, SigLIP, SigLIP2): runners.models.image
-MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND)
+MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND)
 
 # ---- rerank modes: how a model that can rerank computes a score (`rerank_via` in /v1/models) ----
 CROSS_ENCODER = "cross-encoder"  # a sequence-classification model reads (query, document)

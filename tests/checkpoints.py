@@ -46,7 +46,7 @@ def build_bert_classifier(folder: Path, num_labels: int, seed: int = 0) -> Path:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=128)
+    tokenizer = BertTokenizerFast(vocab=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=128)
     torch.manual_seed(seed)
     labels = {i: name for i, name in enumerate(["negative", "neutral", "positive", "other"][:num_labels])}
     config = BertConfig(
@@ -211,7 +211,7 @@ def build_faulty_embedder(folder: Path, oom_above_tokens: int = 0) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "boom", "vanish", "freeze"]
     (base / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(base / "vocab.txt"), do_lower_case=True, model_max_length=512)
+    tokenizer = BertTokenizerFast(vocab=str(base / "vocab.txt"), do_lower_case=True, model_max_length=512)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=512)
@@ -254,7 +254,7 @@ def build_splade(folder: Path, seed: int = 0, allowed_words: tuple[str, ...] = (
     from transformers import BertForMaskedLM, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=128)
+    tokenizer = BertTokenizerFast(vocab=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=128)
     torch.manual_seed(seed)
     config = _bert_config(tokenizer.vocab_size)
     config.architectures = ["BertForMaskedLM"]
@@ -291,7 +291,7 @@ def build_bert_embedder(folder: Path, seed: int = 0, pooling: str = "mean") -> P
 
     base = folder.parent / (folder.name + "-base")
     base.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(base)), do_lower_case=True, model_max_length=128)
+    tokenizer = BertTokenizerFast(vocab=str(_bert_vocab(base)), do_lower_case=True, model_max_length=128)
     torch.manual_seed(seed)
     config = _bert_config(tokenizer.vocab_size)
     config.architectures = ["BertModel"]
@@ -385,7 +385,7 @@ def build_colbert_stanford(folder: Path, seed: int = 0, dim: int = 16, query_max
     from transformers import BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_colbert_vocab(folder)), do_lower_case=True, model_max_length=512)
+    tokenizer = BertTokenizerFast(vocab=str(_colbert_vocab(folder)), do_lower_case=True, model_max_length=512)
     torch.manual_seed(seed)
     config = _bert_config(tokenizer.vocab_size)
     bert = _widen(BertModel(config, add_pooling_layer=False).eval(), 0.3)
@@ -416,7 +416,7 @@ def build_colbert_pylate(folder: Path, seed: int = 0, dim: int = 16, query_lengt
     from transformers import BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=512)
+    tokenizer = BertTokenizerFast(vocab=str(_bert_vocab(folder)), do_lower_case=True, model_max_length=512)
     tokenizer.add_tokens(["[Q] ", "[D] "])
     torch.manual_seed(seed)
     config = _bert_config(len(tokenizer))
@@ -464,7 +464,7 @@ def _clip_tokenizer(folder: Path):
     import json
 
     from transformers import CLIPTokenizerFast
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     merges = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "o f</w>", "p h", "ph o", "pho t", "phot o</w>",
@@ -473,7 +473,7 @@ def _clip_tokenizer(folder: Path):
                                 "<|startoftext|>", "<|endoftext|>"]))
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
+    return CLIPTokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
                              model_max_length=77)
 
 

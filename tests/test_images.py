@@ -35,6 +35,11 @@ def cosine(a, b) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def _tensor(out):
+    """transformers 5's `get_*_features` return an output object whose `pooler_output` is the projection."""
+    return out if hasattr(out, "numpy") else out.pooler_output
+
+
 def unit(v) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     return v / np.linalg.norm(v)
@@ -88,7 +93,7 @@ class Reference:
         pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
         with torch.no_grad():
             out = self.model.get_image_features(**self.processor(images=pictures, return_tensors="pt"))
-        return np.stack([unit(v) for v in out.numpy()])
+        return np.stack([unit(v) for v in _tensor(out).numpy()])
 
     def texts(self, texts: list[str], padding: str | None = None) -> np.ndarray:
         padding = padding or ("max_length" if self.siglip else "longest")
@@ -96,7 +101,7 @@ class Reference:
                                   max_length=self.tokenizer.model_max_length)
         with torch.no_grad():
             out = self.model.get_text_features(**features)
-        return np.stack([unit(v) for v in out.numpy()])
+        return np.stack([unit(v) for v in _tensor(out).numpy()])
 
 
 @pytest.fixture(scope="module")

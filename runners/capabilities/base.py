@@ -152,7 +152,8 @@ class Capability:
             return instruction
         if input_type == "query":
             return model.prompts.get("query", "")
+        default = model.prompts.get(model.default_prompt_name, "") if model.default_prompt_name else ""
         if input_type == "document":
-            return model.prompts.get("document", model.prompts.get("passage", ""))
-        return ""
+            return model.prompts.get("document", model.prompts.get("passage", default))
+        return default
 

@@ -30,7 +30,13 @@ class FeatureCodec:
         pad_at = 0 if self.pad_left else width - 1
         self.pad_values: dict[str, Any] = {}
         self.dtypes: dict[str, Any] = {}
+        # Bookkeeping that is one value for the whole batch (sentence-transformers 5+: `modality`,
+        # "text" for texts): carried into every collated batch as it came.
+        self.constants: dict[str, Any] = {}
         for key, value in features.items():
+            if isinstance(value, (str, int, float, bool)) or value is None:
+                self.constants[key] = value
+                continue
             if getattr(value, "ndim", None) != 2 or tuple(value.shape) != (len(lengths), width):
                 raise TypeError(f"{type(replica).__name__}.encode_pre gives {key!r} of shape "
                                 f"{getattr(value, 'shape', '?')}: only [batch, tokens] features can be batched here")
@@ -49,6 +55,9 @@ class FeatureCodec:
         return rows
 
     def collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {**self._collate(rows), **self.constants}
+
+    def _collate(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if len(rows) == 1:
             return {k: v[None] for k, v in rows[0].items()}
         if self.is_torch:

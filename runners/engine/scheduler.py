@@ -37,6 +37,7 @@ from runners.engine.memory import TokenBudget, free_device_memory, is_out_of_mem
 from runners.engine.tokenizing import TokenizerStage
 from runners.errors import ModelError, OutOfMemory, ServiceError, Unavailable
 
+INLINE_ITEMS = 64  # an inline replica's request up to this many texts is answered on the event loop itself
 log = logging.getLogger("embed_rerank.scheduler")
 
 
@@ -226,6 +227,8 @@ class ModelScheduler(TokenizerStage):
         given (one slot per input), receives each input's token count (the cache stores it)."""
         if self.dead_reason is not None:
             raise Unavailable(f"model {self.name!r} is out of service ({self.dead_reason}); the server is restarting")
+        if getattr(self.replica, "inline", False):
+            return await self._run_inline(inputs, lengths)
         loop = asyncio.get_running_loop()
         request = QueuedRequest(
             seq=next(self._seq), priority=priority_of(inputs), inputs=inputs, loop=loop,
@@ -238,6 +241,27 @@ class ModelScheduler(TokenizerStage):
         except asyncio.CancelledError:
             request.done = True  # its items still queued are dropped when a batch meets them
             raise
+
+    async def _run_inline(self, inputs: Sequence[Any], lengths: list[int] | None) -> tuple[list[Any], int]:
+        """A replica with no forward pass (static embeddings: a table lookup, microseconds a text) is
+        not queued nor batched: it answers in the request's own call, off the event loop only when
+        the request is large."""
+
+        def work() -> tuple[list[Any], list[int]]:
+            vectors, counts = self.replica.embed(list(inputs))
+            return list(vectors), counts
+
+        try:
+            if len(inputs) <= INLINE_ITEMS:
+                results, counts = work()
+            else:
+                results, counts = await asyncio.to_thread(work)
+        except Exception as exc:  # noqa: BLE001 - the failure is this request's alone
+            raise ModelError(f"model {self.name!r} could not embed this request: {type(exc).__name__}: {exc}") from exc
+        if lengths is not None:
+            lengths[:] = counts
+        self.counters["batches"] += 1
+        return results, sum(counts)
 
     # ---- the forward thread ----
 

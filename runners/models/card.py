@@ -26,6 +26,10 @@ class ModelCard:
     dimensions: int | None = None
     kind: str = ""  # vocabulary's model kind, as runners.models.detect resolved it (load_card sets it)
     prompts: dict[str, str] = field(default_factory=dict)
+    # sentence-transformers' default prompt (config_sentence_transformers.json): what `encode` applies
+    # when no prompt is named; the model's own similarity (cosine, dot, euclidean, manhattan).
+    default_prompt_name: str | None = None
+    similarity_fn_name: str | None = None
     labels: list[str] = field(default_factory=list)
     multi_label: bool = False
     # Multi-output models (runners.models.multi_output): the outputs each item can ask for with a

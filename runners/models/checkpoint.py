@@ -14,6 +14,8 @@ def read_config(spec: ModelSpec) -> dict[str, Any]:
     """config.json of a local folder, or from the hub cache for an id."""
     if spec.is_local:
         path = Path(spec.name_or_path) / "config.json"
+        if not path.is_file() and (Path(spec.name_or_path) / "modules.json").is_file():
+            return {}  # a sentence-transformers model without a transformers body (StaticEmbedding)
         if not path.is_file():
             raise FileNotFoundError(f"{spec.name_or_path} has no config.json: it is not a transformers model folder")
     else:
@@ -98,12 +100,35 @@ _POOLING_KEYS = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tok
                  "max": "pooling_mode_max_tokens", "lasttoken": "pooling_mode_lasttoken"}
 
 
+# sentence-transformers 5.4+ saves one `pooling_mode` ("cls", ["cls", "mean"], ...); older releases
+# saved one boolean per mode. Both are read as the booleans (the names every reader here uses).
+LEGACY_POOLING_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens",
+                       "mean": "pooling_mode_mean_tokens", "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+                       "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+
+
+def legacy_pooling(config: dict[str, Any]) -> dict[str, Any]:
+    """A Pooling config in the boolean form, whichever release saved it."""
+    if "pooling_mode" not in config:
+        return config
+    modes = config["pooling_mode"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    unknown = [m for m in modes if m not in LEGACY_POOLING_KEYS]
+    if unknown:
+        raise ValueError(f"pooling mode {unknown} is not known here (one of {tuple(LEGACY_POOLING_KEYS)})")
+    out = {k: v for k, v in config.items() if k != "pooling_mode"}
+    out.update({key: mode in modes for mode, key in LEGACY_POOLING_KEYS.items()})
+    if "embedding_dimension" in out:
+        out.setdefault("word_embedding_dimension", out["embedding_dimension"])
+    return out
+
+
 def pooling_config(path: str, modules: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
-    """The config of a sentence-transformers folder's Pooling module; None when it has none."""
+    """The config of a sentence-transformers folder's Pooling module, in the boolean form; None when it has none."""
     pooling = module_path(st_modules(path) if modules is None else modules, "Pooling")
     if pooling is None:
         return None
-    return read_json(model_file(path, f"{pooling}/config.json" if pooling else "config.json")) or {}
+    return legacy_pooling(read_json(model_file(path, f"{pooling}/config.json" if pooling else "config.json")) or {})
 
 
 def pooling_mode(path: str, modules: list[dict[str, Any]]) -> str:

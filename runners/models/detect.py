@@ -9,6 +9,7 @@ from typing import Any
 from runners.models.checkpoint import model_file, st_modules
 from runners.models.image import has_feature_methods
 from runners.models.qwen3 import is_qwen3_reranker
+from runners.models.st_format import module_classes, st_config
 from runners.settings import ModelSpec
 from runners.vocabulary import (
     AUTO,
@@ -20,11 +21,32 @@ from runners.vocabulary import (
     QWEN3_RERANKER_KIND,
     RERANK_KIND,
     SPLADE_KIND,
+    STATIC_KIND,
 )
 
 
 def qwen3_reranker(name_or_path: str, config: dict[str, Any]) -> str | None:
     return QWEN3_RERANKER_KIND if is_qwen3_reranker(name_or_path, config) else None
+
+
+def sentence_transformers_model(name_or_path: str, config: dict[str, Any]) -> str | None:
+    """What the sentence-transformers files alone decide: a StaticEmbedding first module is `static`;
+    `model_type` CrossEncoder is a reranker (its head decides below), SparseEncoder sparse. Layouts
+    read by sentence-transformers but not served here fail with one line."""
+    classes = module_classes(name_or_path)
+    if classes and classes[0] == "StaticEmbedding":
+        return STATIC_KIND
+    model_type = st_config(name_or_path).model_type
+    not_served = [c for c in classes if c in ("Router", "Asym", "SparseStaticEmbedding", "LogitScore")]
+    if not_served:
+        raise ValueError(f"{name_or_path}: a {model_type or 'SentenceTransformer'} with module {not_served[0]} is not "
+                         "served yet (routed models and LLM rerankers in the library's form); for a Qwen3 reranker give "
+                         "MODEL_KINDS=qwen3-reranker, else serve another model")
+    if model_type == "SparseEncoder" and "SpladePooling" in classes:
+        return SPLADE_KIND
+    if model_type == "CrossEncoder":
+        return sequence_classification(name_or_path, config) or RERANK_KIND
+    return None
 
 
 def multi_output(name_or_path: str, config: dict[str, Any]) -> str | None:
@@ -63,7 +85,7 @@ def dual_encoder(name_or_path: str, config: dict[str, Any]) -> str | None:
 
 
 RULES: tuple[Callable[[str, dict[str, Any]], str | None], ...] = (
-    dual_encoder, qwen3_reranker, multi_output, sequence_classification)
+    dual_encoder, qwen3_reranker, sentence_transformers_model, multi_output, sequence_classification)
 
 
 def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:

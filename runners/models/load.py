@@ -22,6 +22,7 @@ from runners.models.detect import resolve_kind
 from runners.models.imports import import_model_stack, infinity_replica_class
 from runners.models.phases import timing_device_moves
 from runners.models.remote_code import check_model
+from runners.models.st_format import check_modules, st_config
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import (
     CLASSIFY,
@@ -41,6 +42,7 @@ from runners.vocabulary import (
     RERANK_KIND,
     SPARSE,
     SPARSE_EMBED,
+    STATIC_KIND,
     TOKEN_EMBED,
     TOKENS,
 )
@@ -152,16 +154,57 @@ def _embedder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> Mode
     leave_normalization_to_the_service(replica)
     from runners.models.token_inputs import token_pooling, with_token_inputs
 
-    token_inputs = with_token_inputs(replica)
+    config = st_config(spec.name_or_path)
+    if config.truncate_dim:
+        truncate_outputs(replica, config.truncate_dim)
+    # Chunking and late chunking pool token vectors of the full width: not offered with truncate_dim.
+    token_inputs = not config.truncate_dim and with_token_inputs(replica)
     tokenizer = getattr(replica, "_infinity_tokenizer", None) or getattr(replica, "tokenizer", None)
-    dims = replica.get_sentence_embedding_dimension() if hasattr(replica, "get_sentence_embedding_dimension") else None
+    dims = embedding_dimension(replica)
+    if config.truncate_dim and dims:
+        dims = min(dims, config.truncate_dim)
     max_tokens = getattr(replica, "max_seq_length", None) or getattr(tokenizer, "model_max_length", 512)
     return ModelCard(
         spec=spec, replica=replica, capabilities=frozenset({EMBED, RERANK}), rerank_via=EMBEDDING_COSINE,
         tokenizer=copy.deepcopy(tokenizer), max_tokens=int(min(max_tokens, 1 << 20)), dimensions=dims,
-        prompts=dict(getattr(replica, "prompts", None) or {}), token_inputs=token_inputs,
-        pooling=token_pooling(replica) if token_inputs else None,
+        prompts={**config.prompts, **dict(getattr(replica, "prompts", None) or {})}, token_inputs=token_inputs,
+        pooling=token_pooling(replica) if token_inputs else None, default_prompt_name=config.default_prompt_name,
+        similarity_fn_name=config.similarity_fn_name,
     )
+
+
+def truncate_outputs(replica: Any, dims: int) -> None:
+    """`truncate_dim` of config_sentence_transformers.json: sentence-transformers' `encode` keeps the
+    first `dims` values (Matryoshka), after the model's modules; the service normalizes after that."""
+    post = replica.encode_post
+
+    def encode_post(out: Any) -> Any:
+        vectors = post(out)
+        return vectors[:, :dims] if getattr(vectors, "ndim", 0) == 2 else [v[:dims] for v in vectors]
+
+    replica.encode_post = encode_post
+
+
+def _static(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
+    """A StaticEmbedding model: a lookup table, served inline by the scheduler (runners.models.static)."""
+    from runners.models.static import StaticEmbedder
+
+    config = st_config(spec.name_or_path)
+    replica = StaticEmbedder(engine_args=args, truncate_dim=config.truncate_dim)
+    return ModelCard(
+        spec=spec, replica=replica, capabilities=frozenset({EMBED, RERANK}), rerank_via=EMBEDDING_COSINE,
+        tokenizer=copy.deepcopy(replica.tokenizer), max_tokens=replica.max_seq_length,
+        dimensions=replica.get_embedding_dimension(), prompts=dict(config.prompts),
+        default_prompt_name=config.default_prompt_name, similarity_fn_name=config.similarity_fn_name,
+    )
+
+
+def embedding_dimension(replica: Any) -> int | None:
+    """The replica's output width (sentence-transformers 5+ renamed the method; ours keep the old name)."""
+    for method in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
+        if hasattr(replica, method):
+            return getattr(replica, method)()
+    return None
 
 
 def _multi_output(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
@@ -210,9 +253,10 @@ LOADERS: dict[str, Loader] = {
     EMBED_KIND: _embedder,
     **dict.fromkeys(MULTI_OUTPUT_KINDS, _multi_output),
     CLIP_KIND: _dual_encoder,
+    STATIC_KIND: _static,
 }
 # Kinds that BACKEND=optimum cannot serve (Qwen3 rerankers and classifiers load with torch whatever it says).
-_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND)
+_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND)
 
 
 def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
@@ -222,6 +266,7 @@ def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
     imports_s = time.perf_counter() - waited
     config = read_config(spec)
     check_model(spec, settings)  # before transformers could run any of the checkpoint's code
+    check_modules(spec.name_or_path, settings.trust_remote_code)
     kind = resolve_kind(spec, config)
     if spec.backend == "optimum" and kind in _TORCH_ONLY:
         raise ValueError(

@@ -2,9 +2,9 @@
 
 Infinity's own optimum path fails on a local folder ("No onnx files found") and, given an
 exported file, hands optimum an absolute path where it wants a relative one. This module exports
-with optimum's exporter (offline), optionally quantizes to int8 (dynamic, weights only), keeps the
-result in a cache folder keyed by model and options, and applies the model's own sentence-
-transformers pooling and normalization, so vectors match the torch path.
+with torch's ONNX exporter (offline; optimum's needs transformers < 4.58), optionally quantizes to
+int8 (dynamic, weights only), keeps the result in a cache folder keyed by model and options, and
+applies the model's own sentence-transformers pooling and normalization, so vectors match the torch path.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from runners.models.checkpoint import legacy_pooling
 
 if TYPE_CHECKING:
     from infinity_emb.args import EngineArgs
 
 log = logging.getLogger("embed_rerank.onnx")
-EXPORT_VERSION = "3"  # bump when the export recipe changes, so old caches are not reused
+EXPORT_VERSION = "4"  # bump when the export recipe changes, so old caches are not reused
 
 
 def _fingerprint(folder: Path) -> str:
@@ -59,6 +61,46 @@ def signed_int8_weights() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+def _hidden_state_module(model: Any, names: list[str]) -> Any:
+    """The transformer body as a module of positional token features, returning the last hidden state."""
+    import torch
+
+    class Body(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *features: Any) -> Any:
+            return self.model(**dict(zip(names, features, strict=True))).last_hidden_state
+
+    return Body().eval()
+
+
+def export_feature_extraction(folder: Path, onnx_path: Path) -> None:
+    """The model's transformer body (the folder's first sentence-transformers module, or the folder
+    itself) as ONNX: token features in, last hidden state out, batch and sequence axes dynamic.
+
+    optimum's exporter (optimum-onnx 0.1) requires transformers < 4.58, so the export is this
+    project's: torch's TorchScript-based exporter, the one optimum's used, with the same names, so
+    the int8 recipe below finds the same nodes."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    modules = json.loads((folder / "modules.json").read_text()) if (folder / "modules.json").is_file() else []
+    sub = next((m.get("path", "") for m in modules if m.get("type", "").endswith("Transformer")), "")
+    body_folder = folder / sub if sub else folder
+    tokenizer = AutoTokenizer.from_pretrained(body_folder)
+    model = AutoModel.from_pretrained(body_folder, dtype=torch.float32, attn_implementation="eager").eval()
+    sample = tokenizer(["a first text to trace", "a second"], padding=True, return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
+    dynamic = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    dynamic["last_hidden_state"] = {0: "batch_size", 1: "sequence_length"}
+    with torch.no_grad():
+        torch.onnx.export(_hidden_state_module(model, names), tuple(sample[n] for n in names), str(onnx_path),
+                          input_names=names, output_names=["last_hidden_state"], dynamic_axes=dynamic,
+                          opset_version=17, do_constant_folding=True, dynamo=False)
+
+
 def exported_model(name_or_path: str, quantization: str, cache_dir: Path) -> Path:
     """The ONNX file for a model and quantization: from the cache, or exported now (atomically)."""
     source = local_folder(name_or_path)
@@ -71,12 +113,10 @@ def exported_model(name_or_path: str, quantization: str, cache_dir: Path) -> Pat
         return onnx_file
     cache_dir.mkdir(parents=True, exist_ok=True)
     if not (target / "model.onnx").is_file():
-        from optimum.exporters.onnx import main_export
-
         log.info("exporting %s to ONNX into %s (once; later starts reuse it)", source, target)
         tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=cache_dir))
         try:
-            main_export(str(source), output=tmp, task="feature-extraction", do_validation=False, no_post_process=True)
+            export_feature_extraction(source, tmp / "model.onnx")
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -110,7 +150,7 @@ def _st_config(folder: Path) -> tuple[str, bool, int | None, dict[str, str]]:
     for module in modules:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
-            cfg = json.loads((folder / module["path"] / "config.json").read_text())
+            cfg = legacy_pooling(json.loads((folder / module["path"] / "config.json").read_text()))
             pooling = next(
                 (m for m in ("cls_token", "lasttoken", "max_tokens", "mean_tokens") if cfg.get(f"pooling_mode_{m}")),
                 "mean_tokens",

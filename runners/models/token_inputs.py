@@ -49,7 +49,8 @@ class _Layout:
 
     def __init__(self, replica: Any, tokenizer: Any) -> None:
         features = replica.encode_pre(["a", "a b c d"])
-        self.keys = [k for k in features if k != LABELS]
+        # Bookkeeping that is no tensor (sentence-transformers 5+: `modality`, "text" by default) is left out.
+        self.keys = [k for k in features if k != LABELS and hasattr(features[k], "shape")]
         unknown = [k for k in self.keys if k not in _FILL]
         if unknown or "input_ids" not in self.keys or "attention_mask" not in self.keys:
             raise TypeError(f"{type(replica).__name__}.encode_pre gives features {self.keys}: token inputs need "
@@ -253,5 +254,8 @@ def token_pooling(replica: Any) -> str | None:
     pooling = modules[-1]
     if getattr(pooling, "include_prompt", True) is False:
         return None
-    mode = pooling.get_pooling_mode_str()
+    if hasattr(pooling, "get_pooling_mode_str"):  # sentence-transformers < 5.4
+        mode = pooling.get_pooling_mode_str()
+    else:  # one mode name, or a tuple of them (concatenated poolings: not a pooling of token vectors)
+        mode = pooling.pooling_mode if isinstance(pooling.pooling_mode, str) else None
     return mode if mode in ("mean", "cls", "max", "lasttoken") else None

@@ -1,0 +1,121 @@
+"""Tiny random checkpoints in every sentence-transformers format, saved by the pinned library itself
+(`save`), plus the pre-5.4 layout (old module paths, boolean pooling keys) written from a new one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import checkpoints
+
+# The class paths releases before 5.4 wrote into modules.json.
+LEGACY_TYPES = {
+    "Transformer": "sentence_transformers.models.Transformer",
+    "Pooling": "sentence_transformers.models.Pooling",
+    "Normalize": "sentence_transformers.models.Normalize",
+    "Dense": "sentence_transformers.models.Dense",
+    "StaticEmbedding": "sentence_transformers.models.StaticEmbedding",
+}
+
+
+def _bert_body(folder: Path, seed: int, head: str = "model", num_labels: int = 1) -> Path:
+    import torch
+    from transformers import BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab=str(checkpoints._bert_vocab(folder)), do_lower_case=True, model_max_length=128)
+    torch.manual_seed(seed)
+    config = checkpoints._bert_config(tokenizer.vocab_size, num_labels=num_labels)
+    model_class = {"model": BertModel, "mlm": BertForMaskedLM, "seq-cls": BertForSequenceClassification}[head]
+    config.architectures = [model_class.__name__]
+    checkpoints._widen(model_class(config).eval(), 0.3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_dense(folder: Path, seed: int = 0, *, prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+                truncate_dim: int | None = None, similarity_fn_name: str | None = None, pooling: str = "mean") -> Path:
+    """A SentenceTransformer (Transformer, Pooling, Normalize) as sentence-transformers saves it now."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    base = _bert_body(folder.parent / (folder.name + "-base"), seed)
+    st = SentenceTransformer(modules=[Transformer(str(base), max_seq_length=128), Pooling(32, pooling_mode=pooling),
+                                      Normalize()], device="cpu", prompts=prompts, default_prompt_name=default_prompt_name,
+                             truncate_dim=truncate_dim, similarity_fn_name=similarity_fn_name)
+    st.save(str(folder))
+    return folder
+
+
+def to_legacy(folder: Path, target: Path) -> Path:
+    """The same model in the layout of sentence-transformers < 5.4: old class paths, boolean pooling keys."""
+    shutil.copytree(folder, target)
+    modules = json.loads((target / "modules.json").read_text())
+    for module in modules:
+        name = module["type"].rsplit(".", 1)[-1]
+        module["type"] = LEGACY_TYPES[name]
+        if name == "Pooling":
+            path = target / module["path"] / "config.json"
+            config = json.loads(path.read_text())
+            mode = config.pop("pooling_mode")
+            config = {"word_embedding_dimension": config.pop("embedding_dimension"), **{
+                f"pooling_mode_{m}": mode == short for m, short in (
+                    ("cls_token", "cls"), ("mean_tokens", "mean"), ("max_tokens", "max"),
+                    ("mean_sqrt_len_tokens", "mean_sqrt_len_tokens"), ("weightedmean_tokens", "weightedmean"),
+                    ("lasttoken", "lasttoken"))}, **config}
+            path.write_text(json.dumps(config))
+    (target / "modules.json").write_text(json.dumps(modules))
+    st_config = target / "config_sentence_transformers.json"
+    config = json.loads(st_config.read_text())
+    config.pop("model_type", None)
+    config["__version__"] = {"sentence_transformers": "3.4.1"}
+    st_config.write_text(json.dumps(config))
+    return target
+
+
+def build_static(folder: Path, seed: int = 0, dim: int = 24, *, truncate_dim: int | None = None) -> Path:
+    """A StaticEmbedding model (model2vec's layout): modules.json, model.safetensors, tokenizer.json, no config.json."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, StaticEmbedding
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["[UNK]", "[PAD]", *checkpoints.WORDS]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    torch.manual_seed(seed)
+    static = StaticEmbedding(tok, embedding_weights=torch.randn(len(vocab), dim))
+    SentenceTransformer(modules=[static, Normalize()], device="cpu", truncate_dim=truncate_dim).save(str(folder))
+    return folder
+
+
+def build_cross_encoder(folder: Path, seed: int = 0) -> Path:
+    """A CrossEncoder as sentence-transformers 5.4+ saves it (modules.json, model_type CrossEncoder)."""
+    from sentence_transformers import CrossEncoder
+
+    base = _bert_body(folder.parent / (folder.name + "-base"), seed, head="seq-cls", num_labels=1)
+    CrossEncoder(str(base), num_labels=1, device="cpu").save(str(folder))
+    return folder
+
+
+def build_sparse_encoder(folder: Path, seed: int = 0) -> Path:
+    """A SparseEncoder (MLMTransformer + SpladePooling) as sentence-transformers saves it."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    base = _bert_body(folder.parent / (folder.name + "-base"), seed, head="mlm")
+    SparseEncoder(modules=[Transformer(str(base), transformer_task="fill-mask", max_seq_length=128), SpladePooling("max")],
+                  device="cpu").save(str(folder))
+    return folder
+
+
+def build_unknown_module(folder: Path) -> Path:
+    """A dense model whose modules.json names a module class nobody ships."""
+    build_dense(folder, seed=3)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2_Mystery", "path": "2_Mystery", "type": "my_package.layers.MysteryLayer"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
