@@ -32,15 +32,20 @@ SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND = "sparse", "colbert", "bge-
 MULTI_OUTPUT_KINDS = (SPLADE_KIND, COLBERT_KIND, BGE_M3_KIND, TOKENS_KIND)  # runners.models.multi_output
 STATIC_KIND = "static"  # sentence-transformers' StaticEmbedding (model2vec): runners.models.static
 CLIP_KIND = "clip"  # a text tower and a vision tower into one space (CLIP, SigLIP, SigLIP2): runners.models.image
-MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND)
+# sentence-transformers' CrossEncoder over a causal LM scored by chosen tokens' logits (LogitScore):
+# runners.models.llm_reranker
+LLM_RERANKER_KIND = "llm-reranker"
+MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, LLM_RERANKER_KIND, *MULTI_OUTPUT_KINDS,
+               CLIP_KIND, STATIC_KIND)
 
 # ---- rerank modes: how a model that can rerank computes a score (`rerank_via` in /v1/models) ----
 CROSS_ENCODER = "cross-encoder"  # a sequence-classification model reads (query, document)
 QWEN3_YES_NO = "qwen3-yes-no"  # Qwen3-Reranker: logit(yes) - logit(no) after its prompt
+LOGIT_SCORE = "logit-score"  # an LLM reranker: logit(true) [- logit(false)] after the folder's own template
 COLBERT_MAXSIM = "colbert-maxsim"  # late interaction over token vectors
 EMBEDDING_COSINE = "embedding-cosine"  # an embedding model's cosine, the fallback
 # When no model is named, the first capable model in this order reranks (lower first).
-RERANK_PREFERENCE = {CROSS_ENCODER: 0, QWEN3_YES_NO: 0, COLBERT_MAXSIM: 1, EMBEDDING_COSINE: 2}
+RERANK_PREFERENCE = {CROSS_ENCODER: 0, QWEN3_YES_NO: 0, LOGIT_SCORE: 0, COLBERT_MAXSIM: 1, EMBEDDING_COSINE: 2}
 
 # Model names clients send when they mean "whatever the server serves" (Infinity's client's default).
 UNSPECIFIED_MODELS = frozenset({"default/not-specified"})

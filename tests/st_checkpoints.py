@@ -119,3 +119,63 @@ def build_unknown_module(folder: Path) -> Path:
     modules.insert(2, {"idx": 2, "name": "2_Mystery", "path": "2_Mystery", "type": "my_package.layers.MysteryLayer"})
     (folder / "modules.json").write_text(json.dumps(modules))
     return folder
+
+
+# ---- LLM rerankers in the library's form: a causal LM and LogitScore (sentence-transformers 5.4+) ----
+
+# Templates written for these tests in the shapes the published models use: Qwen3-Reranker's (the
+# instruction from a system message inside the user turn, yes/no) and an mxbai-rerank-v2-like one (the
+# instruction after the document, "1"/"0"). A pair reaches a template as a query and a document message.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(instruct='Given a web search query, retrieve relevant passages that answer the query') -%}"
+    "{%- for m in messages if m.role == 'system' %}{% set ns.instruct = m.content %}{% endfor -%}"
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    "provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: {{ ns.instruct }}\n<Query>: {{ (messages | selectattr('role', 'eq', 'query') | first).content }}\n"
+    "<Document>: {{ (messages | selectattr('role', 'eq', 'document') | first).content }}<|im_end|>\n"
+    # An expression, not text: Jinja drops a template's last newline.
+    "<|im_start|>assistant\n<think>\n\n</think>{{ '\\n\\n' }}"
+)
+MXBAI_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(task='') -%}"
+    "{%- for m in messages if m.role == 'system' %}{% set ns.task = m.content %}{% endfor -%}"
+    "<|im_start|>system\nYou rate search relevance.<|im_end|>\n<|im_start|>user\n"
+    "query: {{ (messages | selectattr('role', 'eq', 'query') | first).content }}\n"
+    "document: {{ (messages | selectattr('role', 'eq', 'document') | first).content }}\n"
+    "{{ ns.task }}\nRelevance:<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def build_llm_reranker(folder: Path, style: str = "qwen3", seed: int = 0, max_seq_length: int | None = None) -> Path:
+    """A tiny Qwen3 causal LM saved by `CrossEncoder.save` as an LLM reranker. `qwen3`: the library's
+    default for a causal LM (yes/no, sigmoid) with a Qwen3-Reranker-like chat template; `mxbai`: tokens
+    "1"/"0", its own template and a default prompt; `plain`: no chat template (the tokenizer's pair
+    encoding), the "yes" logit alone and no activation (zerank's single-token form). `max_seq_length`:
+    a window short enough to truncate."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.cross_encoder.modules import LogitScore
+    from transformers import AutoTokenizer
+
+    base = checkpoints.build_qwen3_reranker(folder.parent / (folder.name + "-base"), seed=seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if style != "plain":
+        tokenizer.chat_template = QWEN3_STYLE_TEMPLATE if style == "qwen3" else MXBAI_STYLE_TEMPLATE
+        tokenizer.save_pretrained(base)
+    if style == "qwen3":
+        model = CrossEncoder(str(base), device="cpu")
+    elif style == "mxbai":
+        true_id, false_id = tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("0")
+        model = CrossEncoder(modules=[Transformer(str(base), transformer_task="text-generation"),
+                                      LogitScore(true_token_id=true_id, false_token_id=false_id)], device="cpu",
+                             prompts={"relevance": "Answer 1 if the document answers the query, else 0."},
+                             default_prompt_name="relevance")
+    else:
+        model = CrossEncoder(modules=[Transformer(str(base), transformer_task="text-generation"),
+                                      LogitScore(true_token_id=tokenizer.convert_tokens_to_ids("yes"))], device="cpu",
+                             activation_fn=torch.nn.Identity())
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    model.save(str(folder))
+    return folder

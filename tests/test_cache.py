@@ -59,8 +59,9 @@ def test_entries_are_private_read_only_copies():
     with pytest.raises(ValueError):
         kept[0] = 1.0
     assert owned(np.float32(0.5)) == np.float32(0.5) and owned({"dense": 1}) is None and owned(True) is None
-    assert cacheable(["a", "b"]) and cacheable([("q", "d")])
-    assert not cacheable([b"image bytes"]) and not cacheable([("q", "d", "e")]) and not cacheable([object()])
+    assert cacheable(["a", "b"]) and cacheable([("q", "d")]) and cacheable([("q", "d", "instruction")])
+    assert not cacheable([b"image bytes"]) and not cacheable([("q", "d", "e", "f")]) and not cacheable([("q", 1)])
+    assert not cacheable([object()])
 
 
 def test_counted_bytes_match_what_python_allocates():

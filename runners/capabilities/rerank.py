@@ -15,7 +15,7 @@ from runners.capabilities.queries import RerankQuery
 from runners.engine.loaded import LoadedModel
 from runners.errors import BadRequest, PayloadTooLarge
 from runners.models.qwen3 import rerank_body_start
-from runners.vocabulary import COLBERT_MAXSIM, EMBEDDING_COSINE, QWEN3_YES_NO, RERANK, TOKENS
+from runners.vocabulary import COLBERT_MAXSIM, EMBEDDING_COSINE, LOGIT_SCORE, QWEN3_YES_NO, RERANK, TOKENS
 
 MAXSIM_CHUNK = 128  # documents whose ColBERT token vectors are held at once while reranking
 
@@ -61,10 +61,15 @@ class Reranking(Embedding):
             vectors, usage = await self.embed_vectors(model, [query_text] + [doc_prompt + d for d in docs])
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return (vectors[1:] @ vectors[0]).tolist(), usage
-        query = rerank_body_start(q.query, q.instruction) if model.rerank_via == QWEN3_YES_NO else q.query
-        logits, usage = await self.registry.run(model, RERANK, [(query, d) for d in docs])
+        if model.rerank_via == LOGIT_SCORE:
+            # The instruction is the model's prompt (its template places it); none: the model's default prompt.
+            pairs: list[tuple[str, ...]] = [(q.query, d, q.instruction or "") for d in docs]
+        else:
+            query = rerank_body_start(q.query, q.instruction) if model.rerank_via == QWEN3_YES_NO else q.query
+            pairs = [(query, d) for d in docs]
+        logits, usage = await self.registry.run(model, RERANK, pairs)
         values = np.asarray(logits, dtype=np.float64).reshape(len(docs))
-        if not q.raw_scores:
+        if not q.raw_scores and model.rerank_activation == "sigmoid":
             values = sigmoid(values)
         return values.tolist(), int(usage)
 
@@ -80,6 +85,8 @@ class Reranking(Embedding):
             query, copies = len(q.query), 1
         else:
             query = len(rerank_body_start(q.query, q.instruction)) if model.rerank_via == QWEN3_YES_NO else len(q.query)
+            if model.rerank_via == LOGIT_SCORE:
+                query += len(q.instruction or model.prompts.get(model.default_prompt_name or "", ""))
             copies = len(q.documents)
         if query > self.settings.max_chars:
             raise PayloadTooLarge(

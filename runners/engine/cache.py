@@ -37,11 +37,12 @@ Key = tuple[int, str, Any]
 
 
 def cacheable(inputs: Any) -> bool:
-    """Inputs the cache keys: strings, or (query, document) pairs of strings."""
+    """Inputs the cache keys: strings, or (query, document) pairs of strings (an LLM reranker's also carry
+    the instruction: (query, document, instruction))."""
     for x in inputs:
         if type(x) is str:
             continue
-        if type(x) is tuple and len(x) == 2 and type(x[0]) is str and type(x[1]) is str:
+        if type(x) is tuple and len(x) in (2, 3) and all(type(part) is str for part in x):
             continue
         return False
     return True
@@ -63,7 +64,7 @@ def owned(result: Any) -> Any:
 
 def _size(key: Key, result: Any) -> int:
     item = key[2]
-    text = sys.getsizeof(item) if type(item) is str else sys.getsizeof(item[0]) + sys.getsizeof(item[1])
+    text = sys.getsizeof(item) if type(item) is str else sum(sys.getsizeof(part) for part in item)
     data = result.nbytes if isinstance(result, np.ndarray) else 32
     return text + data + ENTRY_OVERHEAD
 

@@ -21,6 +21,7 @@ class ModelCard:
     pairs: bool = False  # the replica reads (query, document) pairs
     capabilities: frozenset[str]
     rerank_via: str | None = None  # one of vocabulary's rerank modes
+    rerank_activation: str = "sigmoid"  # what a rerank score is without raw_scores: "sigmoid" or "identity"
     tokenizer: Any
     max_tokens: int
     dimensions: int | None = None

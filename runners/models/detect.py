@@ -8,6 +8,7 @@ from typing import Any
 
 from runners.models.checkpoint import model_file, st_modules
 from runners.models.image import has_feature_methods
+from runners.models.llm_reranker import is_llm_reranker
 from runners.models.qwen3 import is_qwen3_reranker
 from runners.models.st_format import module_classes, st_config
 from runners.settings import ModelSpec
@@ -18,11 +19,18 @@ from runners.vocabulary import (
     CLIP_KIND,
     COLBERT_KIND,
     EMBED_KIND,
+    LLM_RERANKER_KIND,
     QWEN3_RERANKER_KIND,
     RERANK_KIND,
     SPLADE_KIND,
     STATIC_KIND,
 )
+
+
+def llm_reranker(name_or_path: str, config: dict[str, Any]) -> str | None:
+    """sentence-transformers' LLM reranker (a causal LM and LogitScore): served with the folder's own template
+    and tokens, before the Qwen3 rule, which would apply Qwen3's built-in prompt."""
+    return LLM_RERANKER_KIND if is_llm_reranker(name_or_path) else None
 
 
 def qwen3_reranker(name_or_path: str, config: dict[str, Any]) -> str | None:
@@ -37,7 +45,7 @@ def sentence_transformers_model(name_or_path: str, config: dict[str, Any]) -> st
     if classes and classes[0] == "StaticEmbedding":
         return STATIC_KIND
     model_type = st_config(name_or_path).model_type
-    not_served = [c for c in classes if c in ("Router", "Asym", "SparseStaticEmbedding", "LogitScore")]
+    not_served = [c for c in classes if c in ("Router", "Asym", "SparseStaticEmbedding")]
     if not_served:
         raise ValueError(f"{name_or_path}: a {model_type or 'SentenceTransformer'} with module {not_served[0]} is not "
                          "served yet (routed models and LLM rerankers in the library's form); for a Qwen3 reranker give "
@@ -85,7 +93,7 @@ def dual_encoder(name_or_path: str, config: dict[str, Any]) -> str | None:
 
 
 RULES: tuple[Callable[[str, dict[str, Any]], str | None], ...] = (
-    dual_encoder, qwen3_reranker, sentence_transformers_model, multi_output, sequence_classification)
+    dual_encoder, llm_reranker, qwen3_reranker, sentence_transformers_model, multi_output, sequence_classification)
 
 
 def resolve_kind(spec: ModelSpec, config: dict[str, Any]) -> str:

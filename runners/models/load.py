@@ -35,6 +35,8 @@ from runners.vocabulary import (
     EMBED_KIND,
     EMBEDDING_COSINE,
     IMAGE_EMBED,
+    LLM_RERANKER_KIND,
+    LOGIT_SCORE,
     MULTI_OUTPUT_KINDS,
     QWEN3_RERANKER_KIND,
     QWEN3_YES_NO,
@@ -120,6 +122,17 @@ def _qwen3_reranker(spec: ModelSpec, settings: Settings, args: Any, kind: str) -
     replica = Qwen3Reranker(engine_args=args)
     return ModelCard(spec=spec, replica=replica, pairs=True, capabilities=frozenset({RERANK}), rerank_via=QWEN3_YES_NO,
                      tokenizer=copy.deepcopy(replica.tokenizer), max_tokens=replica.max_length)
+
+
+def _llm_reranker(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
+    """sentence-transformers' LLM reranker: the folder's template, tokens and activation (runners.models.llm_reranker)."""
+    from runners.models.llm_reranker import LogitScoreReranker
+
+    replica = LogitScoreReranker(engine_args=args)
+    return ModelCard(spec=spec, replica=replica, pairs=True, capabilities=frozenset({RERANK}), rerank_via=LOGIT_SCORE,
+                     rerank_activation=replica.folder.activation, tokenizer=copy.deepcopy(replica.tokenizer),
+                     max_tokens=replica.max_length, prompts=dict(replica.folder.prompts),
+                     default_prompt_name=replica.folder.default_prompt_name)
 
 
 def _classifier(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
@@ -248,6 +261,7 @@ def _dual_encoder(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> 
 Loader = Callable[[ModelSpec, Settings, Any, str], ModelCard]
 LOADERS: dict[str, Loader] = {
     QWEN3_RERANKER_KIND: _qwen3_reranker,
+    LLM_RERANKER_KIND: _llm_reranker,
     CLASSIFY_KIND: _classifier,
     RERANK_KIND: _cross_encoder,
     EMBED_KIND: _embedder,
@@ -255,7 +269,7 @@ LOADERS: dict[str, Loader] = {
     CLIP_KIND: _dual_encoder,
     STATIC_KIND: _static,
 }
-# Kinds that BACKEND=optimum cannot serve (Qwen3 rerankers and classifiers load with torch whatever it says).
+# Kinds that BACKEND=optimum cannot serve (Qwen3 and LLM rerankers and classifiers load with torch whatever it says).
 _TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND)
 
 
