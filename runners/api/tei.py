@@ -35,7 +35,7 @@ from runners.capabilities.queries import ClassifyQuery, EmbedQuery
 from runners.engine.health import HEALTH
 from runners.errors import BadRequest, ServiceError, Unavailable, from_validation_errors
 from runners.models.checkpoint import pooling_config
-from runners.vocabulary import CLASSIFY, EMBED, QWEN3_YES_NO, RERANK, SPARSE, SPARSE_EMBED, TOKENS
+from runners.vocabulary import CLASSIFY, EMBED, LOGIT_SCORE, QWEN3_YES_NO, RERANK, SPARSE, SPARSE_EMBED, TOKENS
 
 if TYPE_CHECKING:  # BentoML's serving process imports the routes too, and never serves a model
     from runners.capabilities.service import InferenceService
@@ -185,7 +185,7 @@ def _ready() -> bool:
 
 def _pooling(model: LoadedModel) -> str:
     """TEI's `pooling` name for /info, from the sentence-transformers folder when there is one."""
-    if model.rerank_via == QWEN3_YES_NO or model.prompts.get("query", "").startswith("Instruct:"):
+    if model.rerank_via in (QWEN3_YES_NO, LOGIT_SCORE) or model.prompts.get("query", "").startswith("Instruct:"):
         return "last_token"
     folder = model.spec.name_or_path
     if not Path(folder).is_dir():  # a hub id: no download on a request's path
