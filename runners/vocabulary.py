@@ -35,8 +35,9 @@ CLIP_KIND = "clip"  # a text tower and a vision tower into one space (CLIP, SigL
 # sentence-transformers' CrossEncoder over a causal LM scored by chosen tokens' logits (LogitScore):
 # runners.models.llm_reranker
 LLM_RERANKER_KIND = "llm-reranker"
+ROUTED_KIND = "routed"  # sentence-transformers' Router: a route per task (query, document, ...): runners.models.routed
 MODEL_KINDS = (EMBED_KIND, RERANK_KIND, CLASSIFY_KIND, QWEN3_RERANKER_KIND, LLM_RERANKER_KIND, *MULTI_OUTPUT_KINDS,
-               CLIP_KIND, STATIC_KIND)
+               CLIP_KIND, STATIC_KIND, ROUTED_KIND)
 
 # ---- rerank modes: how a model that can rerank computes a score (`rerank_via` in /v1/models) ----
 CROSS_ENCODER = "cross-encoder"  # a sequence-classification model reads (query, document)

@@ -179,3 +179,45 @@ def build_llm_reranker(folder: Path, style: str = "qwen3", seed: int = 0, max_se
         model.max_seq_length = max_seq_length
     model.save(str(folder))
     return folder
+
+
+# ---- routed models: sentence-transformers' Router, a route per task ----
+
+
+def build_routed_dense(folder: Path, seed: int = 0) -> Path:
+    """A SentenceTransformer whose Router sends queries to a StaticEmbedding (a lookup, no model pass) and
+    documents to a BERT with mean pooling, both 32 wide, then Normalize; the default route is "document"."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Router, Transformer
+    from sentence_transformers.models import Normalize, Pooling, StaticEmbedding
+    from transformers import AutoTokenizer
+
+    base = _bert_body(folder.parent / (folder.name + "-base"), seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed + 1)
+    static = StaticEmbedding(tokenizer, embedding_weights=torch.randn(tokenizer.vocab_size, 32))
+    router = Router.for_query_document(query_modules=[static],
+                                       document_modules=[Transformer(str(base), max_seq_length=128), Pooling(32)])
+    SentenceTransformer(modules=[router, Normalize()], device="cpu").save(str(folder))
+    return folder
+
+
+def build_routed_sparse(folder: Path, seed: int = 0) -> Path:
+    """An inference-free SparseEncoder: queries through SparseStaticEmbedding (an idf weight per token, no
+    model pass), documents through a BERT MLM with SpladePooling; the default route is "document"."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Router, Transformer
+    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
+    from transformers import AutoTokenizer
+
+    base = _bert_body(folder.parent / (folder.name + "-base"), seed, head="mlm")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(seed + 1)
+    idf = SparseStaticEmbedding(tokenizer, weight=torch.rand(tokenizer.vocab_size) * 3)
+    router = Router.for_query_document(
+        query_modules=[idf],
+        document_modules=[Transformer(str(base), transformer_task="fill-mask", max_seq_length=128), SpladePooling("max")])
+    SparseEncoder(modules=[router], device="cpu").save(str(folder))
+    return folder

@@ -88,7 +88,8 @@ class EmbeddingRequest(JsonRequest):
     modality: Modality = Field("text", description="image: each input is an image, a data:image/...;base64 URI "
                                                      "(or a URL where IMAGE_URLS=allow)")
     model: str | None = None
-    input_type: str | None = Field(None, description="query or document: applies the model's prompt")
+    input_type: str | None = Field(None, description="query or document: applies the model's prompt "
+                                                     "(or picks the route of a routed model; its route names too)")
     instruction: str | None = Field(None, description="task text for instruction models (implies a query)")
     dimensions: Annotated[int, Field(ge=0)] | None = Field(None, description="0 or null: every dimension")
     normalize: bool = True
@@ -151,7 +152,7 @@ def input_type_of(value: str | None) -> str | None:
         return None
     key = value.strip().lower()
     if key not in INPUT_TYPE_ALIASES:
-        raise ValueError(f"input_type must be one of {sorted(INPUT_TYPE_ALIASES)}, got {value!r}")
+        return value.strip()  # a route name of a routed model; any other model refuses it (capabilities.base)
     return INPUT_TYPE_ALIASES[key]
 
 

@@ -136,8 +136,29 @@ class Capability:
                 )
 
 
+    def _task(self, model: LoadedModel, input_type: str | None, prompt_name: str | None = None) -> str | None:
+        """The task that picks a routed model's route: `prompt_name` when it names one of its tasks, else
+        `input_type`; None (the library's default route) when neither is given. None for other models."""
+        if not model.route_tasks:
+            return None
+        task = prompt_name if prompt_name in model.route_tasks else input_type
+        try:
+            model.replica.route_of(task)
+        except ValueError:
+            raise BadRequest(f"model {model.name!r} has no route for {task!r}: send input_type or prompt_name naming one "
+                             f"of {', '.join(model.route_tasks)}", param="input_type", code="unknown_route") from None
+        return task
+
     def _prompt(self, model: LoadedModel, input_type: str | None, instruction: str | None,
                 prompt_name: str | None = None) -> str:
+        default = model.prompts.get(model.default_prompt_name, "") if model.default_prompt_name else ""
+        if input_type not in (None, "query", "document") and input_type not in model.route_tasks:
+            routes = f" or one of its routes ({', '.join(model.route_tasks)})" if model.route_tasks else ""
+            raise BadRequest(f"input_type {input_type!r} is not known to model {model.name!r}: send query, document, "
+                             f"search_query, search_document, passage, classification or clustering{routes}",
+                             param="input_type", code="unknown_input_type")
+        if prompt_name is not None and prompt_name not in model.prompts and prompt_name in model.route_tasks:
+            return default  # a route of a routed model (self._task), which has no prompt of that name
         if prompt_name is not None:
             if prompt_name not in model.prompts:
                 known = ", ".join(sorted(model.prompts)) or "none"
@@ -152,7 +173,6 @@ class Capability:
             return instruction
         if input_type == "query":
             return model.prompts.get("query", "")
-        default = model.prompts.get(model.default_prompt_name, "") if model.default_prompt_name else ""
         if input_type == "document":
             return model.prompts.get("document", model.prompts.get("passage", default))
         return default

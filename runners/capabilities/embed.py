@@ -52,8 +52,16 @@ class Embedding(LongInputs):
         self._check_vocabulary(model, ids, "input")
         return await asyncio.to_thread(model.decode, ids)
 
-    async def embed_vectors(self, model: LoadedModel, texts: list[str]) -> tuple[np.ndarray, int]:
-        embeddings, usage = await self.registry.run(model, EMBED, texts)
+    async def embed_vectors(self, model: LoadedModel, texts: list[str],
+                            task: str | None | list[str | None] = None) -> tuple[np.ndarray, int]:
+        """`task`: a routed model's task (one for all texts, or one per text; `self._task`)."""
+        inputs: list[Any] = texts
+        if model.route_tasks:
+            from runners.models.routed import RoutedText
+
+            tasks = task if isinstance(task, list) else [task] * len(texts)
+            inputs = [RoutedText(t, k) for t, k in zip(texts, tasks)]
+        embeddings, usage = await self.registry.run(model, EMBED, inputs)
         return np.asarray(np.stack(embeddings), dtype=np.float32), int(usage)
 
     async def _cut_start(self, model: LoadedModel, texts: list[str], prompt: str = "") -> tuple[list[str], int]:
@@ -138,7 +146,7 @@ class Embedding(LongInputs):
                 vectors = self._mean_of_chunks(chunks, self._shape(vectors, q), len(texts))
         else:
             texts, truncated = await self._texts(model, q)
-            vectors, usage = await self.embed_vectors(model, texts)
+            vectors, usage = await self.embed_vectors(model, texts, self._task(model, q.input_type, q.prompt_name))
         vectors = self._shape(vectors, q)
         self._account(model, EMBED, len(texts), usage)
         return Dense(model, vectors, usage, truncated)
@@ -236,9 +244,14 @@ class Embedding(LongInputs):
         texts, _ = await self._texts(model, q)
         if TOKENS in q.outputs:
             await self._check_token_vector_size(model, texts)
-        if model.outputs:
+        if model.route_tasks:  # a routed sparse model (runners.models.routed)
+            from runners.models.routed import RoutedText
+
+            task = self._task(model, q.input_type, q.prompt_name)
+            inputs: list[Any] = [RoutedText(t, task) for t in texts]
+        elif model.outputs:
             query = q.input_type == "query" or q.instruction is not None
-            inputs: list[Any] = [MultiInput(t, q.outputs, query) for t in texts]
+            inputs = [MultiInput(t, q.outputs, query) for t in texts]
         else:  # an ordinary embedding model: its last-layer token vectors (runners.models.token_inputs)
             inputs = [TokenRequest(text=t, tokens=True) for t in texts]
         results, usage = await self.registry.run(model, OUTPUT_CAPABILITY[q.outputs[0]], inputs)

@@ -58,7 +58,8 @@ class Reranking(Embedding):
         if model.rerank_via == EMBEDDING_COSINE:
             query_text = self._prompt(model, "query", q.instruction) + q.query
             doc_prompt = self._prompt(model, "document", None)
-            vectors, usage = await self.embed_vectors(model, [query_text] + [doc_prompt + d for d in docs])
+            tasks = [self._task(model, "query")] + [self._task(model, "document")] * len(docs) if model.route_tasks else None
+            vectors, usage = await self.embed_vectors(model, [query_text] + [doc_prompt + d for d in docs], tasks)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return (vectors[1:] @ vectors[0]).tolist(), usage
         if model.rerank_via == LOGIT_SCORE:

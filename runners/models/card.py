@@ -21,6 +21,8 @@ class ModelCard:
     pairs: bool = False  # the replica reads (query, document) pairs
     capabilities: frozenset[str]
     rerank_via: str | None = None  # one of vocabulary's rerank modes
+    # A routed model (runners.models.routed): the tasks that choose a route (`input_type`, `prompt_name`).
+    route_tasks: tuple[str, ...] = ()
     rerank_activation: str = "sigmoid"  # what a rerank score is without raw_scores: "sigmoid" or "identity"
     tokenizer: Any
     max_tokens: int

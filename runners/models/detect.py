@@ -22,6 +22,7 @@ from runners.vocabulary import (
     LLM_RERANKER_KIND,
     QWEN3_RERANKER_KIND,
     RERANK_KIND,
+    ROUTED_KIND,
     SPLADE_KIND,
     STATIC_KIND,
 )
@@ -44,12 +45,14 @@ def sentence_transformers_model(name_or_path: str, config: dict[str, Any]) -> st
     classes = module_classes(name_or_path)
     if classes and classes[0] == "StaticEmbedding":
         return STATIC_KIND
+    if classes and classes[0] == "Router":
+        return ROUTED_KIND
     model_type = st_config(name_or_path).model_type
     not_served = [c for c in classes if c in ("Router", "Asym", "SparseStaticEmbedding")]
     if not_served:
-        raise ValueError(f"{name_or_path}: a {model_type or 'SentenceTransformer'} with module {not_served[0]} is not "
-                         "served yet (routed models and LLM rerankers in the library's form); for a Qwen3 reranker give "
-                         "MODEL_KINDS=qwen3-reranker, else serve another model")
+        raise ValueError(f"{name_or_path}: a {model_type or 'SentenceTransformer'} with module {not_served[0]} after "
+                         f"{classes[0]} is not served (a Router is served as the first module; Asym is the Router of "
+                         "sentence-transformers < 3: save the model again with a current release)")
     if model_type == "SparseEncoder" and "SpladePooling" in classes:
         return SPLADE_KIND
     if model_type == "CrossEncoder":

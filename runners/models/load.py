@@ -42,6 +42,7 @@ from runners.vocabulary import (
     QWEN3_YES_NO,
     RERANK,
     RERANK_KIND,
+    ROUTED_KIND,
     SPARSE,
     SPARSE_EMBED,
     STATIC_KIND,
@@ -212,6 +213,25 @@ def _static(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelC
     )
 
 
+def _routed(spec: ModelSpec, settings: Settings, args: Any, kind: str) -> ModelCard:
+    """A Router model: each task's route, the library's modules (runners.models.routed)."""
+    from runners.models.routed import RoutedEncoder
+
+    config = st_config(spec.name_or_path)
+    replica = RoutedEncoder(engine_args=args)
+    if replica.sparse:
+        capabilities, rerank_via, outputs = frozenset({SPARSE_EMBED}), None, (SPARSE,)
+    else:
+        capabilities, rerank_via, outputs = frozenset({EMBED, RERANK}), EMBEDDING_COSINE, ()
+    return ModelCard(
+        spec=spec, replica=replica, capabilities=capabilities, rerank_via=rerank_via, outputs=outputs,
+        tokenizer=copy.deepcopy(replica.tokenizer), max_tokens=replica.max_seq_length,
+        dimensions=None if replica.sparse else replica.get_embedding_dimension(), prompts=dict(config.prompts),
+        default_prompt_name=config.default_prompt_name, similarity_fn_name=config.similarity_fn_name,
+        route_tasks=tuple(t for t in replica.tasks if t is not None),
+    )
+
+
 def embedding_dimension(replica: Any) -> int | None:
     """The replica's output width (sentence-transformers 5+ renamed the method; ours keep the old name)."""
     for method in ("get_embedding_dimension", "get_sentence_embedding_dimension"):
@@ -268,9 +288,10 @@ LOADERS: dict[str, Loader] = {
     **dict.fromkeys(MULTI_OUTPUT_KINDS, _multi_output),
     CLIP_KIND: _dual_encoder,
     STATIC_KIND: _static,
+    ROUTED_KIND: _routed,
 }
 # Kinds that BACKEND=optimum cannot serve (Qwen3 and LLM rerankers and classifiers load with torch whatever it says).
-_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND)
+_TORCH_ONLY = (RERANK_KIND, *MULTI_OUTPUT_KINDS, CLIP_KIND, STATIC_KIND, ROUTED_KIND)
 
 
 def load_card(spec: ModelSpec, settings: Settings) -> ModelCard:
