@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from runners.models.checkpoint import st_modules
+from runners.models.checkpoint import model_file, read_json, st_modules
 from runners.models.st_format import module_class, st_config
 from runners.vocabulary import SPARSE
 
 if TYPE_CHECKING:
     from infinity_emb.args import EngineArgs
 
+SPARSE_MODULES = frozenset({"SpladePooling", "SparseStaticEmbedding", "IDF", "MLMTransformer", "SparseAutoEncoder"})
 TASK_ROW = "routed_task"  # a [batch, tokens] feature: the item's task index in every position
 
 
@@ -48,7 +49,11 @@ class RoutedEncoder:
         path = engine_args.model_name_or_path
         ls = engine_args._loading_strategy
         self.device = str(ls.device_placement if ls is not None else "cpu")
-        self.sparse = st_config(path).model_type == "SparseEncoder"
+        # Older saves (opensearch's inference-free models) may lack model_type: their route modules say it.
+        router_dir = str(st_modules(path)[0].get("path") or "")
+        types = (read_json(model_file(path, f"{router_dir}/router_config.json".lstrip("/"))) or {}).get("types") or {}
+        self.sparse = st_config(path).model_type == "SparseEncoder" or any(
+            module_class(str(t)) in SPARSE_MODULES for t in types.values())
         model_class = SparseEncoder if self.sparse else SentenceTransformer
         self.model = model_class(path, device=self.device, trust_remote_code=engine_args.trust_remote_code,
                                  revision=engine_args.revision).eval()
