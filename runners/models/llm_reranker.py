@@ -16,9 +16,7 @@ LM head in fp32, so the vocabulary-wide logits are never computed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runners.models.checkpoint import model_file, read_json, st_modules
@@ -173,7 +171,7 @@ class LogitScoreReranker(CausalScorer):
                              "(chat_template.jinja): save the model again with its tokenizer")
         self._load(engine_args, path, [t for t in (folder.true_token_id, folder.false_token_id) if t is not None],
                    folder.body_path)
-        config = json.loads(Path(model_file(path, f"{folder.body_path}/config.json".lstrip("/")) or "").read_text())
+        config = read_json(model_file(path, f"{folder.body_path}/config.json".lstrip("/"))) or {}
         positions = (config.get("text_config") or config).get("max_position_embeddings")
         window = folder.max_seq_length or self.tokenizer.model_max_length
         self.max_length = int(min(window, positions or window, 1 << 20))

@@ -62,8 +62,11 @@ class RoutedEncoder:
         self.routes = tuple(self.router.sub_modules)
         mapped = [task for task, _ in self.router.route_mappings if task is not None]
         self.tasks: tuple[str | None, ...] = (None, *dict.fromkeys([*self.routes, *mapped]))
-        first = self.router.sub_modules[self.default_route()][0]
-        self.tokenizer = getattr(first, "tokenizer", None)
+        # The service's tokenizer (counting, decoding, TEI's /tokenize): the default route's, else the first
+        # route's that is a transformers tokenizer (a StaticEmbedding holds a bare `tokenizers` one).
+        inputs = [self.router.sub_modules[r][0] for r in (self.default_route(), *self.routes)]
+        self.tokenizer = next((m.tokenizer for m in inputs if hasattr(getattr(m, "tokenizer", None), "convert_ids_to_tokens")),
+                              None)
         self.max_seq_length = int(min(max(getattr(m[0], "max_seq_length", None) or 512
                                           for m in self.router.sub_modules.values()), 1 << 20))
         self.prompts = dict(self.model.prompts or {})
