@@ -89,7 +89,7 @@ def test_a_body_the_schema_refuses_reaches_the_route_with_its_body(content):
 @pytest.mark.parametrize("path", ["/fast", "/other", "/tei/fast"])
 @pytest.mark.parametrize("content_type", ["application/json", None, "text/plain", "application/problem+json"])
 @pytest.mark.parametrize("content", [b'{"input": "ab", "x": NaN}', b"not json", b'{"input": "\\ud800"}',
-                                     b"\xff\xfe{}", b'{"input": "a"} trailing', b"[" * 100_000, b"[" * 201 + b"]" * 201])
+                                     b"\xff\xfe{}", b'{"input": "a"} trailing', b"[" * 600, b"[" * 255 + b"]" * 255])
 def test_a_body_the_parser_refuses_is_one_400_on_every_route(path, content_type, content):
     """One parser for every JSON body (runners.api.responses.parse_json): nothing below FrontDoor parses a
     body it refused (a deep one was a RecursionError's 500 in the frameworks, or TEI's 424)."""
