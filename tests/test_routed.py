@@ -2,7 +2,8 @@
 (tests/st_checkpoints.py), served in-process by the real service and compared with the library's
 `encode_query` / `encode_document` / `encode`: a dense model (a lookup route for queries, a BERT for
 documents) and an inference-free sparse one (idf weights for queries, SPLADE for documents). The route
-is chosen by `input_type` or `prompt_name` in every dialect, alone, batched and in mixed traffic."""
+is chosen by `input_type` or `prompt_name`, alone, batched and in mixed traffic, in-process and through a
+real server in every dialect (OpenAI SDK, Cohere SDK, TEI; the RunPod job parses as /v1/embeddings)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,33 @@ def test_every_dialect_carries_the_route():
     assert CohereEmbedRequest(texts=["x"], input_type="search_query").to_query().input_type == "query"
     assert CohereEmbedRequest(texts=["x"], input_type="search_document").to_query().input_type == "document"
     assert TeiEmbedRequest(inputs=["x"], prompt_name="query").to_query().prompt_name == "query"
+
+
+def test_the_route_over_http_in_every_dialect(start_server, folders, tmp_path_factory):
+    """A real server: the OpenAI SDK's extra_body input_type, the Cohere SDK's input_type, TEI's prompt_name
+    and a route name pick the route; an LLM reranker saved by the library answers /v1/rerank as predict."""
+    import cohere
+    import httpx
+    import openai
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    reranker = st_checkpoints.build_llm_reranker(tmp_path_factory.mktemp("llm") / "mxbai", "mxbai", seed=1)
+    server = start_server({"MODEL_NAMES": f"{folders['dense']};{reranker}", "SERVED_MODEL_NAMES": "dense;llm"})
+    st = SentenceTransformer(str(folders["dense"]), device="cpu")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    for task, want in (("query", st.encode_query(TEXTS)), ("document", st.encode_document(TEXTS))):
+        got = client.embeddings.create(model="dense", input=TEXTS, extra_body={"input_type": task}).data
+        assert _cos([d.embedding for d in got], want).min() >= 0.9999, task
+        tei = httpx.post(server.url + "/tei/embed", json={"inputs": TEXTS, "prompt_name": task}, timeout=60).json()
+        assert _cos(tei, want).min() >= 0.9999, task
+    co = cohere.ClientV2(api_key="unused", base_url=server.url)
+    cohere_query = co.embed(model="dense", texts=TEXTS, input_type="search_query", embedding_types=["float"])
+    assert _cos(cohere_query.embeddings.float_, st.encode_query(TEXTS)).min() >= 0.9999
+    unknown = httpx.post(server.url + "/v1/embeddings", json={"model": "dense", "input": "x", "input_type": "summary"})
+    assert unknown.status_code == 400 and "query, document" in unknown.json()["error"]["message"]
+    docs = TEXTS[:4]
+    body = httpx.post(server.url + "/v1/rerank", json={"model": "llm", "query": "where is paris?", "documents": docs},
+                      timeout=60).json()
+    scores = [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
+    want = CrossEncoder(str(reranker), device="cpu").predict([("where is paris?", d) for d in docs])
+    assert np.allclose(scores, want, atol=1e-4)
