@@ -19,6 +19,19 @@ LEGACY_TYPES = {
 }
 
 
+def widen_keeping_norms(model, std: float):
+    """Redraw every weight but the norms' from N(0, std): the default init maps every text to nearly one
+    vector, and so does a widened LayerNorm (its random bias swamps the rest: cosine 0.9999 between any
+    two texts of the tiny BERT, which would make every comparison with the library pass)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name.lower():
+                p.normal_(0, std)
+    return model
+
+
 def _bert_body(folder: Path, seed: int, head: str = "model", num_labels: int = 1) -> Path:
     import torch
     from transformers import BertForMaskedLM, BertForSequenceClassification, BertModel, BertTokenizerFast
@@ -29,7 +42,7 @@ def _bert_body(folder: Path, seed: int, head: str = "model", num_labels: int = 1
     config = checkpoints._bert_config(tokenizer.vocab_size, num_labels=num_labels)
     model_class = {"model": BertModel, "mlm": BertForMaskedLM, "seq-cls": BertForSequenceClassification}[head]
     config.architectures = [model_class.__name__]
-    checkpoints._widen(model_class(config).eval(), 0.3).save_pretrained(folder)
+    widen_keeping_norms(model_class(config).eval(), 0.3).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import checkpoints
+import st_checkpoints
 
 QWEN_QUERY = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
 GEMMA_PROMPTS = {"query": "task: search result | query: ", "document": "title: none | text: "}
@@ -42,26 +43,13 @@ def _bpe_tokenizer(*, bos: bool = False, eos: bool = True, cls_sep: bool = False
                                    model_max_length=128)
 
 
-def _widen_keeping_norms(model: Any, std: float) -> Any:
-    """Redraw every weight but the norms' from N(0, std): the default init maps every text to nearly one
-    vector, and so does a widened LayerNorm (its random bias swamps the rest: cosine 0.9999 between any
-    two texts of the tiny BERT)."""
-    import torch
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name.lower():
-                p.normal_(0, std)
-    return model
-
-
 def _save_base(folder: Path, model_class: Any, config: Any, tokenizer: Any, seed: int, std: float = 0.3) -> Path:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config.architectures = [model_class.__name__]
-    _widen_keeping_norms(model_class(config).eval(), std).save_pretrained(folder)
+    st_checkpoints.widen_keeping_norms(model_class(config).eval(), std).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

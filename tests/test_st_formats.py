@@ -96,6 +96,8 @@ def test_every_format_equals_the_library(folders):
     for name in ("dense", "legacy"):
         st = SentenceTransformer(str(folders[name]), device="cpu")
         assert st.truncate_dim == 16 and st.default_prompt_name == "query"
+        unit = st.encode(TEXTS, normalize_embeddings=True)
+        assert (unit @ unit.T - 2 * np.eye(len(TEXTS))).max() < 0.99, "the tiny model maps texts alike"
         assert got["dims"][name] == 16
         for key, kwargs in (("alone", {}), ("batched", {}), ("query", {"prompt_name": "query"}),
                             ("document", {"prompt_name": "document"})):
