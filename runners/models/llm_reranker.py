@@ -83,7 +83,7 @@ def read_folder(name_or_path: str) -> LogitScoreFolder:
     )
 
 
-def _torch_dtype(name: str | None, device: str) -> Any:
+def torch_dtype(name: str | None, device: str) -> Any:
     import torch
 
     if name in (None, "auto"):
@@ -117,7 +117,7 @@ class CausalScorer:
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.logit_scale = float(getattr(text_config, "logit_scale", None) or 1.0)
         self.body = getattr(full, full.base_model_prefix).to(device=device,
-                                                            dtype=_torch_dtype(engine_args.dtype.resolve(), str(device)))
+                                                            dtype=torch_dtype(engine_args.dtype.resolve(), str(device)))
         self.body.eval()
         del full
         self.device = device

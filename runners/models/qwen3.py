@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from runners.models.llm_reranker import CausalScorer, torch_dtype
+
 if TYPE_CHECKING:
     from infinity_emb.args import EngineArgs
 
@@ -43,15 +45,7 @@ def is_qwen3_reranker(name_or_path: str, config: dict[str, Any]) -> bool:
     return (is_causal or is_seq_cls) and "rerank" in name_or_path.lower()
 
 
-def _torch_dtype(name: str | None, device: str) -> Any:
-    import torch
-
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-class Qwen3Reranker:
+class Qwen3Reranker(CausalScorer):
     """Qwen3-Reranker as a cross-encoder replica: exact prompt, left padding, yes−no head in fp32.
 
     The scheduler hands `encode_pre` (query, document) pairs; the service passes the query already
@@ -65,15 +59,15 @@ class Qwen3Reranker:
         path = engine_args.model_name_or_path
         ls = engine_args._loading_strategy
         device = ls.device_placement if ls is not None else "cpu"
-        dtype = _torch_dtype(engine_args.dtype.resolve(), str(device))
+        dtype = torch_dtype(engine_args.dtype.resolve(), str(device))
         kwargs = {"revision": engine_args.revision, "trust_remote_code": engine_args.trust_remote_code}
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
         config = AutoConfig.from_pretrained(path, **kwargs)
         if "Qwen3ForSequenceClassification" in (config.architectures or []):
-            full = AutoModelForSequenceClassification.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
+            full = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
             head = full.score.weight.detach()[0].float().clone()
         else:
-            full = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **kwargs)
+            full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
             yes = self.tokenizer.convert_tokens_to_ids("yes")
             no = self.tokenizer.convert_tokens_to_ids("no")
             if yes is None or no is None or yes == self.tokenizer.unk_token_id or no == self.tokenizer.unk_token_id:
@@ -82,7 +76,9 @@ class Qwen3Reranker:
             head = (weight[yes] - weight[no]).float().clone()
         self.body = full.model.to(device=device, dtype=dtype).eval()
         del full
-        self.head = head.to(device)
+        # CausalScorer's one-row form: score = h_last · (W_lm[yes] - W_lm[no]), in fp32.
+        self.rows = head[None].to(device)
+        self.bias, self.softcap, self.logit_scale = None, None, 1.0
         self.device = device
         self.prefix_ids = self.tokenizer(RERANK_PREFIX, add_special_tokens=False)["input_ids"]
         self.suffix_ids = self.tokenizer(RERANK_SUFFIX, add_special_tokens=False)["input_ids"]
@@ -96,24 +92,4 @@ class Qwen3Reranker:
         return [self.prefix_ids + ids + self.suffix_ids for ids in encoded]
 
     def encode_pre(self, queries_docs: list[tuple[str, str]]) -> dict[str, Any]:
-        import torch
-
-        rows = self.prompt_ids([q + d for q, d in queries_docs])
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def encode_core(self, features: dict[str, Any]) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            features = {k: v.to(self.device) for k, v in features.items()}
-            hidden = self.body(**features).last_hidden_state[:, -1]
-            return (hidden.float() @ self.head).cpu()
-
-    def encode_post(self, out_features: Any) -> Any:
-        return out_features.numpy()
+        return self.left_padded(self.prompt_ids([q + d for q, d in queries_docs]))
