@@ -180,7 +180,7 @@ def cold_start(python: Path | str, model_path: str, runs: int, reference: list[f
         finally:
             server.stop(20.0)
         rows.append(row | {"compile_cache": "empty" if i == 0 else "filled by the first start"})
-        print(f"  vllm run {i + 1}/{runs + 1} ({rows[-1]['compile_cache']} compile cache): ready {row['ready_s']:.2f}s, "
+        print(f"  vllm run {i + 1}/{runs + 1} (compile cache {rows[-1]['compile_cache']}): ready {row['ready_s']:.2f}s, "
               f"first correct answer {row['first_answer_s']:.2f}s", flush=True)
         time.sleep(1.0)
     cached = rows[1:] or rows
