@@ -19,6 +19,13 @@ times, in interleaved rounds, one short sentence a time:
 Each GOMP_SPINCOUNT runs in a process of its own (libgomp reads it once, at start); the service sets
 10000 (runners.api.process), libgomp's default is 300000. The HTTP part of the gap is the service's
 one-connection p50 by wrk minus `engine` (bench.run's forward part measures that p50).
+
+    python -m bench.lone_query --service '{}' '{"OMP_NUM_THREADS": "1"}' --rounds 2 --seconds 8
+
+--service: the service itself (`bentoml serve`, CACHE_MB=0), once per environment given (JSON objects,
+added to its environment), under `wrk -c --connections` (1) for `--seconds`, rounds interleaved: req/s,
+p50, and the CPU each thread of its worker process spent per request (/proc/PID/task/TID/stat), so the
+event loop, the forward thread and OpenMP's worker threads show apart.
 """
 
 from __future__ import annotations
@@ -182,6 +189,73 @@ def measure(rounds: int, runs: int, pause_s: float) -> dict[str, Any]:
     }
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of process `pid`, by thread id."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
+def per_request_ms(before: dict[int, float], after: dict[int, float], requests: int, main: int) -> dict[str, float]:
+    """CPU ms per request of each thread that spent any: the main thread (the event loop) by name, the others
+    by rank ("thread 1" the busiest: the forward thread; then OpenMP's workers, the tokenizer thread)."""
+    spent = {tid: 1000 * (after[tid] - before.get(tid, 0.0)) / max(1, requests) for tid in after}
+    out = {"event loop (main thread)": round(spent.pop(main, 0.0), 2)}
+    for rank, (_, ms) in enumerate(sorted(spent.items(), key=lambda kv: -kv[1]), 1):
+        if ms >= 0.05:
+            out[f"thread {rank}"] = round(ms, 2)
+    out["total"] = round(sum(v for v in out.values()), 2)
+    return out
+
+
+def service_part(envs: list[dict[str, str]], args: argparse.Namespace) -> dict[str, Any]:
+    import psutil
+
+    from bench import wrk as wrk_tool
+    from bench.baselines import load_corpus, served_model
+    from load_tests.processes import ServerProcess, process_env
+
+    wrk, why = wrk_tool.find_wrk(None, install=False)
+    if wrk is None:
+        raise SystemExit(f"--service needs wrk: {why}")
+    _, sentences = load_corpus()
+    _, name = served_model()
+    logs = ROOT / "reports"
+    folder = Path(args.scratch)
+    script, bodies = wrk_tool.write_inputs(folder, "lone", [{"model": name, "input": [t]} for t in sentences])
+    rows: dict[str, list[dict[str, Any]]] = {json.dumps(e): [] for e in envs}
+    for _ in range(args.rounds):
+        for env in envs:
+            server = ServerProcess.bentoml(logs / "bench_lone_query.log", env=process_env({"CACHE_MB": "0", **env}))
+            try:
+                server.wait_ready()
+                url = server.url + "/v1/embeddings"
+                wrk_tool.run(wrk, url, script, bodies, args.connections, 3)  # warm
+                workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                           if "worker" in " ".join(p.cmdline())] or [psutil.Process(server.proc.pid)]
+                pid = workers[0].pid
+                before = thread_cpu_s(pid)
+                point = wrk_tool.run(wrk, url, script, bodies, args.connections, args.seconds)
+                row = {"requests_per_s": round(point["requests_per_s"], 2), "p50_ms": point["p50_ms"],
+                       "cpu_ms_per_request": per_request_ms(before, thread_cpu_s(pid), point["requests"], pid),
+                       "load_average": round(os.getloadavg()[0], 2)}
+            finally:
+                server.stop()
+            rows[json.dumps(env)].append(row)
+            print(json.dumps({"env": env, **row}), flush=True)
+    return {"connections": args.connections, "seconds": args.seconds, "rounds": rows,
+            "median": {env: {"requests_per_s": statistics.median(r["requests_per_s"] for r in found),
+                             "p50_ms": statistics.median(r["p50_ms"] for r in found if r["p50_ms"] is not None)}
+                       for env, found in rows.items()}}
+
+
 def run_variant(spincount: str | None, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("GOMP_SPINCOUNT", None)
@@ -203,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause-ms", type=float, default=2.0)
     parser.add_argument("--spincounts", default="default,10000",
                         help="GOMP_SPINCOUNT values, one process each ('default': unset; default: default,10000)")
+    parser.add_argument("--service", nargs="+", default=None, metavar="JSON",
+                        help="measure the service over HTTP, once per environment given (see above)")
+    parser.add_argument("--connections", type=int, default=1, help="--service: wrk connections (default 1)")
+    parser.add_argument("--seconds", type=int, default=8, help="--service: seconds per point (default 8)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -210,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CACHE_MB", "0")
     if args.child:
         print(json.dumps(measure(args.rounds, args.runs, args.pause_ms / 1000)))
+        return 0
+    if args.service is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="lone-query-") as scratch:
+            args.scratch = scratch
+            result = service_part([json.loads(e) for e in args.service], args)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
         return 0
     result = {"pause_ms": args.pause_ms, "runs": args.runs, "rounds": args.rounds,
               "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "variants": []}

@@ -383,3 +383,18 @@ def test_plot_draws_the_peers_row(tmp_path: Path) -> None:
     from bench.report import plot
 
     assert plot(peer_result(), tmp_path / "p.png") and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_lone_query_stages_and_thread_cpu() -> None:
+    import os
+
+    from bench import lone_query
+
+    marks = {"pre_started": 1.001, "pre_done": 1.0015, "core_done": 1.010, "loop_awake": 1.0105}
+    deltas = lone_query.stage_deltas(marks, 1.0)
+    assert list(deltas) == ["pre_started", "pre_done", "core_done", "loop_awake"]
+    assert sum(deltas.values()) == pytest.approx(0.0105)
+    own = lone_query.thread_cpu_s(os.getpid())
+    assert os.getpid() in own and all(v >= 0 for v in own.values())
+    rows = lone_query.per_request_ms({1: 1.0, 2: 0.0, 3: 0.0}, {1: 1.1, 2: 0.5, 3: 0.2, 4: 0.00001}, 10, main=1)
+    assert rows == {"event loop (main thread)": 10.0, "thread 1": 50.0, "thread 2": 20.0, "total": 80.0}
