@@ -90,7 +90,8 @@ def make_venv(venv: Path | None = None, log: Path | None = None) -> tuple[Path |
                 return None, f"`{' '.join(step[:4])}` failed: {exc}"
             if done.returncode != 0:
                 tail = last_line(log)
-                return None, f"`{' '.join(step[2:5])}` exited {done.returncode} ({tail}; see {log})"
+                what = " ".join(a for a in step[2:] if a != "--quiet")
+                return None, f"`{what}` exited {done.returncode} ({tail}; see {log})"
     (venv / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     return venv_python(venv), ""
 
