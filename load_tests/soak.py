@@ -64,7 +64,7 @@ class TextSource:
 
     def request(self, rerank_share: float = 0.5, model: str | None = None) -> tuple[str, str, dict[str, Any], int]:
         """(kind, path, body, items expected in the answer); `model` names the model in embedding bodies."""
-        if self.random.random() >= rerank_share:
+        if self.random.random() < 1.0 - rerank_share:  # 0.5: the draw and the kinds of the seeds before
             texts = [self.text() for _ in range(self.random.randint(1, 16))]
             return "embed", "/v1/embeddings", {"input": texts, **({"model": model} if model else {})}, len(texts)
         docs = [self.text() for _ in range(self.random.randint(4, 16))]
