@@ -7,7 +7,7 @@ from typing import Any
 
 from bench import hol
 from bench.cold_start import cold_start_table
-from bench.forward import GOAL_GAP_MS
+from bench.forward import GOAL_GAP_MS, GOAL_RATIO
 from bench.images import images_table
 from bench.load import fmt
 from bench.vllm_peer import rss_table
@@ -149,6 +149,8 @@ def plot_parts(result: dict[str, Any], axes: Any) -> None:
         ax_r.barh(list(bars), list(bars.values()), color="tab:green")
         ax_r.axvline(fwd["raw"]["forward_ms"] + GOAL_GAP_MS, color="tab:red", linestyle=":",
                      label=f"goal: forward + {GOAL_GAP_MS:g} ms")
+        ax_r.axvline(fwd["raw"]["forward_ms"] * GOAL_RATIO, color="tab:purple", linestyle="--",
+                     label=f"goal: {GOAL_RATIO:g} x forward")
         ax_r.invert_yaxis()
         ax_r.set(xlabel="ms (medians)", title="One client against the raw forward pass")
         ax_r.legend(fontsize=7)
@@ -220,10 +222,12 @@ def tables(result: dict[str, Any]) -> str:
         raw = fwd["raw"]
         out += ["", f"One client against the raw forward pass ({raw['dtype']}, {raw['torch_threads']} torch threads, "
                     f"median of {raw['runs']})", "",
-                "| raw forward ms | tokenize ms | service p50 ms | service p50 - forward ms |", "|---:|---:|---|---|"]
+                "| raw forward ms | tokenize ms | service p50 ms | service p50 - forward ms | p50 / forward |",
+                "|---:|---:|---|---|---:|"]
         p50s = ", ".join(f"{v:.2f} ({k})" for k, v in fwd.get("service_p50_ms", {}).items()) or "–"
         gaps = ", ".join(f"{v:+.2f} ({k})" for k, v in fwd.get("gap_ms", {}).items()) or "–"
-        out.append(f"| {raw['forward_ms']:.2f} | {raw['tokenize_ms']:.2f} | {p50s} | {gaps} |")
+        out.append(f"| {raw['forward_ms']:.2f} | {raw['tokenize_ms']:.2f} | {p50s} | {gaps} | "
+                   f"{fmt(fwd.get('p50_over_forward'), 3)} |")
     if "images" in result:
         out += images_table(result["images"])
     if result.get("peer_rss", {}).get("systems"):
