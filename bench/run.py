@@ -34,7 +34,8 @@ worker) started fresh --cold-start-runs times, the median first correct answer b
 
 Then parts about the batch scheduler (issues 12 and 19), each skippable:
 - forward (--skip-forward): the raw forward pass of one short text in this process (bench/forward.py),
-                   against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's);
+                   against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's):
+                   the gap in ms and p50 / forward (goal <= 1.2, issue 31; bench/lone_query.py shows where it goes);
 - hol (--skip-hol): one client sends one 600-text request of ~150-word texts while another sends one-text
                    queries: their worst and median latency during it, against idle, and the bulk
                    request's duration with and without them (bench/hol.py);
