@@ -178,6 +178,8 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
                 raw["reference"].setdefault(key, []).append(value)
             raw["reference"].setdefault("bulk_batch_8", []).append(await asyncio.to_thread(bulk_reference, st_model, bulk))
     finally:
+        if "vllm" in servers:
+            result["vllm_threads"] = vllm_peer.thread_layout(servers["vllm"].log())
         await asyncio.gather(*(asyncio.to_thread(s.stop, 5.0 if n == "infinity_server" else 20.0)
                                for n, s in servers.items()))
     if "vllm" in targets:

@@ -163,6 +163,8 @@ def tables(result: dict[str, Any]) -> str:
     """Markdown tables of every part that ran, and the goals."""
     out: list[str] = [f"Versions: {name}: " + ", ".join(f"{k} {v}" for k, v in found.items())
                       for name, found in result.get("versions", {}).items() if found]
+    if result.get("vllm_threads"):
+        out.append("vLLM's model threads: " + ", ".join(f"{k} {v}" for k, v in result["vllm_threads"].items()))
     if "vllm" in result.get("skipped", {}):
         out.append(f"vLLM skipped: {result['skipped']['vllm']}")
     out += cold_start_table(result.get("cold_start", {}))

@@ -259,6 +259,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if result["hol"].get("interrupted"):
                 interrupted.append("hol")
     finally:
+        if "vllm" in servers:
+            result["vllm_threads"] = vllm_peer.thread_layout(servers["vllm"].log())
         for target in targets:
             try:
                 await target.stop()

@@ -159,6 +159,18 @@ def versions(python: Path | str | None) -> dict[str, str]:
         return {}
 
 
+def thread_layout(log: str) -> dict[str, str]:
+    """The cores vLLM bound its model's OpenMP threads to and those it reserved, from its start-up log."""
+    import re
+
+    found = {}
+    for key in ("core ids", "reserved_cpus", "VLLM_CPU_OMP_THREADS_BIND"):
+        match = re.search(rf"{key}=('?[^\s,']*'?|\[[^\]]*\])", log)
+        if match:
+            found[key] = match.group(1).strip("'")
+    return found
+
+
 def vector(client: Any, text: str) -> list[float] | None:
     response = client.post(ROUTE, json={"model": SERVED_NAME, "input": [text]})
     return response.json()["data"][0]["embedding"] if response.status_code == 200 else None

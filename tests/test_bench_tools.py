@@ -303,6 +303,17 @@ def test_vllm_server_command_and_environment(tmp_path: Path, monkeypatch: pytest
     assert env["VLLM_CACHE_ROOT"] == str(tmp_path)
 
 
+def test_vllm_thread_layout_is_read_from_its_log() -> None:
+    from bench import vllm_peer
+
+    log = ("(EngineCore pid=1) INFO [ompmultiprocessing.py:185] \tVLLM_CPU_OMP_THREADS_BIND='auto', auto_setup=True\n"
+           "(EngineCore pid=1) INFO [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\n"
+           "(EngineCore pid=1) INFO [ompmultiprocessing.py:185] \treserved_cpus=[1]\n")
+    assert vllm_peer.thread_layout(log) == {"core ids": "[0]", "reserved_cpus": "[1]",
+                                            "VLLM_CPU_OMP_THREADS_BIND": "auto"}
+    assert vllm_peer.thread_layout("no such lines") == {}
+
+
 def test_bench_args_leave_vllm_out_on_a_gpu_and_in_quick_runs() -> None:
     from bench.args import parse_args
 
@@ -369,6 +380,7 @@ def test_report_has_the_vllm_rows_and_versions() -> None:
 
     text = tables(peer_result())
     assert "Versions: vllm: vllm-cpu 0.32.0" in text
+    assert "vLLM's model threads: core ids [0]" in tables(peer_result() | {"vllm_threads": {"core ids": "[0]"}})
     assert "| vllm | 72.1 |" in text and "| service (p50 @16 371 ms) | 85.3 |" in text
     assert text.count("Mixed lengths:") == 1
     assert "compile cache filled / empty (first start) | 20.00 / 71.00 |" in text
