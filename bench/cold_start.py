@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Any
 
+from bench import vllm_peer
 from load_tests.cold_start import PHASE_NAMES, measure, phase_table, reference_vector
 
 COLD_START_GOAL_S = 5.0  # median first answer, each front door, this project's 2-core CPU machine
@@ -27,6 +28,12 @@ def cold_start_part(args: argparse.Namespace) -> dict[str, Any]:
     for kind in FRONT_DOORS:
         print(f"cold start: {args.cold_start_runs} fresh starts of the {kind} …", flush=True)
         part[kind] = measure(kind, args.cold_start_runs, reference, args.logs, timeout=180.0, min_cosine=min_cosine)
+    if getattr(args, "vllm_python", None):
+        from bench.baselines import served_model
+
+        print(f"cold start: vLLM, one start with an empty compile cache, then {args.cold_start_runs} …", flush=True)
+        part["vllm"] = vllm_peer.cold_start(args.vllm_python, served_model()[0], args.cold_start_runs, reference,
+                                            args.logs, min_cosine)
     part["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     part["goals"] = {f"cold start {kind}: median first answer s (goal <= {COLD_START_GOAL_S})":
                      part[kind]["first_answer_s"]["median"] for kind in FRONT_DOORS}
@@ -38,5 +45,10 @@ def cold_start_table(part: dict[str, Any]) -> list[str]:
     if not any(kind in part for kind in FRONT_DOORS):
         return []
     load = part.get("load_average_at_start", [None])[0]
-    return ["", f"Cold start: process start to the first correct embedding, median of {part['runs']} "
-                f"({part['model']}; load average {load} at the start)", "", phase_table(part)]
+    lines = ["", f"Cold start: process start to the first correct embedding, median of {part['runs']} "
+                 f"({part['model']}; load average {load} at the start)", "", phase_table(part)]
+    if "vllm" in part:
+        v = part["vllm"]
+        lines.append(f"| vLLM `api_server --runner pooling`: compile cache filled / empty (first start) | "
+                     f"{v['first_answer_s']['median']:.2f} / {v['first_start_s']:.2f} | – | – | – | – | – |")
+    return lines

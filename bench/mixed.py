@@ -12,7 +12,8 @@ What it sends and what it compares, on the same texts:
            batches of 8 and of 4 (what a server that sees only that window could do);
 - bulk:    one request of 300 texts of ~242 tokens, against `encode(batch_size=8)` on the same texts.
 Systems: the service (torch), the service with BACKEND=optimum (ONNX int8) and BACKEND=ctranslate2,
-and infinity's own server (`infinity_emb v2`). Rounds interleave the systems; numbers are medians.
+infinity's own server (`infinity_emb v2`) and vLLM's pooling server (bench/vllm_peer.py; left out with
+one line saying why when its venv cannot be made). Rounds interleave the systems; numbers are medians.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import vllm_peer  # noqa: E402
 from bench import wrk as wrk_tool  # noqa: E402
 from bench.baselines import machine, served_model  # noqa: E402
 from bench.load import ratio  # noqa: E402
@@ -42,12 +44,14 @@ from bench.systems import infinity_server_missing  # noqa: E402
 from load_tests.processes import ServerProcess, process_env  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-SYSTEMS = {  # name: (extra environment of the service, or None for infinity's server)
+SYSTEMS = {  # name: extra environment of the service, or None for a peer (PEERS)
     "service": {},
     "service_onnx_int8": {"BACKEND": "optimum", "ONNX_QUANTIZATION": "int8"},
     "service_ct2": {"BACKEND": "ctranslate2"},
     "infinity_server": None,
+    "vllm": None,
 }
+PEERS = ("infinity_server", "vllm")  # served as "bench-model"
 BULK_TEXTS, BULK_TOKENS = 300, 242
 
 
@@ -109,7 +113,11 @@ def bulk_http(url: str, path: str, model: str, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
-def start(name: str, path: str, logs: Path, before: Path | None = None) -> ServerProcess:
+def start(name: str, path: str, logs: Path, before: Path | None = None,
+          vllm_python: Path | None = None) -> ServerProcess:
+    if name == "vllm":
+        return vllm_peer.start_server(vllm_python or vllm_peer.venv_python(vllm_peer.venv_dir()), path, logs,
+                                      "mixed_vllm")
     if name == "service_before":  # another checkout's service (--before ROOT): the same run, the old code
         return ServerProcess.bentoml(logs / "bench_mixed_before.log", cwd=before,
                                      env=process_env({"PYTHONPATH": str(before)}))
@@ -129,10 +137,11 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
 
     path, served_name = served_model()
     requests = mixed_requests(3000)
-    targets = [t for t in args.mixed_targets if SYSTEMS[t] is not None or not infinity_server_missing()]
+    targets = selected_targets(args)
     if args.before is not None:
         targets.append("service_before")
-    servers = {name: start(name, path, args.logs, args.before) for name in targets}
+    servers = {name: start(name, path, args.logs, args.before, getattr(args, "vllm_python", None))
+               for name in targets}
     st_model = SentenceTransformer(path, device="cpu")
     bulk = bulk_texts(st_model.tokenizer)
     folder = args.scratch / "mixed"
@@ -146,7 +155,7 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
             await asyncio.to_thread(server.wait_ready, 300)
         inputs = {}
         for name in targets:
-            model = "bench-model" if name == "infinity_server" else served_name
+            model = "bench-model" if name in PEERS else served_name
             bodies = [{"model": model, "input": r} for r in requests]
             inputs[name] = wrk_tool.write_inputs(folder, name, bodies)
             await asyncio.to_thread(bulk_http, servers[name].url, route(name), model, bulk[:8])  # warm
@@ -160,7 +169,7 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
                     raw[name].setdefault(key, []).append(2 * point["requests_per_s"])
                     raw[name].setdefault(f"{key}_p50_ms", []).append(point["p50_ms"] or 0.0)
                     raw[name].setdefault(f"{key}_errors", []).append(point["errors"])
-                model = "bench-model" if name == "infinity_server" else served_name
+                model = "bench-model" if name in PEERS else served_name
                 await asyncio.sleep(1.0)  # the batches of wrk's last requests still run after it stops
                 raw[name].setdefault("bulk", []).append(
                     await asyncio.to_thread(bulk_http, servers[name].url, route(name), model, bulk))
@@ -169,14 +178,31 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
                 raw["reference"].setdefault(key, []).append(value)
             raw["reference"].setdefault("bulk_batch_8", []).append(await asyncio.to_thread(bulk_reference, st_model, bulk))
     finally:
+        if "vllm" in servers:
+            result["vllm_threads"] = vllm_peer.thread_layout(servers["vllm"].log())
         await asyncio.gather(*(asyncio.to_thread(s.stop, 5.0 if n == "infinity_server" else 20.0)
                                for n, s in servers.items()))
+    if "vllm" in targets:
+        result["vllm_versions"] = vllm_peer.versions(getattr(args, "vllm_python", None))
     systems = {name: {key: summarize(values) if not key.endswith("_errors") else sum(values)
                       for key, values in by_key.items()} for name, by_key in raw.items()}
     result["texts_per_s"] = systems
     result["ratios"] = ratios(systems)
     result["goals"] = goals(result["ratios"])
     return result
+
+
+def selected_targets(args: argparse.Namespace) -> list[str]:
+    """--mixed-targets less the peers that cannot run here (each says why once)."""
+    targets = []
+    for name in args.mixed_targets:
+        if name == "infinity_server" and (why := infinity_server_missing()):
+            print(f"mixed: infinity server skipped: {why}", flush=True)
+        elif name == "vllm" and vllm_peer.available(args):
+            pass  # available() printed the line
+        else:
+            targets.append(name)
+    return targets
 
 
 def route(name: str) -> str:
@@ -199,6 +225,11 @@ def ratios(systems: dict[str, Any]) -> dict[str, float | None]:
         "service / service_before (mixed_high)": ratio(median("service", "mixed_high"),
                                                        median("service_before", "mixed_high")),
         "service / service_before (bulk)": ratio(median("service", "bulk"), median("service_before", "bulk")),
+        "service / vllm (mixed)": ratio(median("service", "mixed"), median("vllm", "mixed")),
+        "onnx_int8 / vllm (mixed)": ratio(median("service_onnx_int8", "mixed"), median("vllm", "mixed")),
+        "service / vllm (mixed_high)": ratio(median("service", "mixed_high"), median("vllm", "mixed_high")),
+        "service / vllm (bulk)": ratio(median("service", "bulk"), median("vllm", "bulk")),
+        "onnx_int8 / vllm (bulk)": ratio(median("service_onnx_int8", "bulk"), median("vllm", "bulk")),
     }
 
 
@@ -211,6 +242,8 @@ def goals(r: dict[str, float | None]) -> dict[str, bool | None]:
         "mixed >= 2.5 x infinity's server": at_least("service / infinity_server (mixed)", 2.5),
         "bulk >= 0.95 x encode(batch_size=8)": at_least("service / encode(batch_size=8) (bulk)", 0.95),
         "ONNX int8 >= 2 x torch (mixed, high connections)": at_least("onnx_int8 / torch (mixed_high)", 2.0),
+        "mixed >= 1.3 x vLLM (torch)": at_least("service / vllm (mixed)", 1.3),
+        "mixed >= 1.8 x vLLM (ONNX int8)": at_least("onnx_int8 / vllm (mixed)", 1.8),
     }
 
 
@@ -223,6 +256,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--high-connections", type=int, default=32, help="the second mixed point (default 32)")
     group.add_argument("--mixed-seconds", type=float, default=8.0, help="seconds per mixed point (default 8)")
     group.add_argument("--mixed-rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    group.add_argument("--skip-vllm", action="store_true",
+                       help="leave vLLM's pooling server out of every part (bench/vllm_peer.py)")
     group.add_argument("--before", type=Path, default=None,
                        help="a checkout of an earlier commit: its service joins the rounds as service_before")
 
@@ -234,7 +269,9 @@ def table(result: dict[str, Any]) -> str:
         if name == "reference":
             continue
         cells = [values.get(k, {}).get("median") for k in ("mixed", "mixed_high", "bulk")]
-        rows.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
+        p50 = values.get("mixed_p50_ms", {}).get("median")
+        label = f"{name} (p50 @{low} {p50:.0f} ms)" if p50 else name
+        rows.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
     ref = result["texts_per_s"]["reference"]
     rows.append("| in-process: " + ", ".join(f"{k} {v['median']:.1f}" for k, v in ref.items()) + " | | | |")
     return "\n".join(rows)

@@ -7,9 +7,10 @@ from typing import Any
 
 from bench import hol
 from bench.cold_start import cold_start_table
-from bench.forward import GOAL_GAP_MS
+from bench.forward import GOAL_GAP_MS, GOAL_RATIO
 from bench.images import images_table
 from bench.load import fmt
+from bench.vllm_peer import rss_table
 from bench.zero_cost import ZERO_COST_LABELS
 
 
@@ -22,14 +23,17 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
     sweep = bool(result.get("systems"))
     extra = any(key in result and "skipped" not in result[key] for key in ("zero_cost", "hol", "forward"))
-    rows = int(sweep) + int(extra)
+    peers = bool(peer_bars(result))
+    rows = int(sweep) + int(extra) + int(peers)
     if not rows:
         return False
     fig, axes = plt.subplots(rows, 3, figsize=(16, 4.8 * rows), squeeze=False)
     if sweep:
         plot_sweep(result, axes[0])
     if extra:
-        plot_parts(result, axes[rows - 1])
+        plot_parts(result, axes[int(sweep)])
+    if peers:
+        plot_peers(result, axes[rows - 1])
     m = result["machine"]
     fig.suptitle(f"all-MiniLM-L6-v2 on {m.get('gpu') or m['cpu']} ({m['cpus']} CPUs), {result['created']}",
                  fontsize=10)
@@ -44,7 +48,7 @@ def plot_sweep(result: dict[str, Any], axes: Any) -> None:
     systems = result["systems"]
     cs = result["load"]["concurrency"]
     colors = {"engine": "tab:gray", "service": "tab:blue", "infinity_server": "tab:orange",
-              "service_onnx-fp32": "tab:brown", "service_onnx-int8": "tab:red"}
+              "service_onnx-fp32": "tab:brown", "service_onnx-int8": "tab:red", "vllm": "tab:olive"}
     for name, by_c in systems.items():
         ax_t.plot(cs, [by_c[str(c)]["texts_per_s"] for c in cs], "o-", label=name, color=colors.get(name))
         ax_l.plot(cs, [by_c[str(c)]["p50_ms"] for c in cs], "o-", label=f"{name} p50", color=colors.get(name))
@@ -63,6 +67,42 @@ def plot_sweep(result: dict[str, Any], axes: Any) -> None:
     for ax in (ax_t, ax_l):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
+
+
+def peer_bars(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The bars of the peers' row: mixed-length texts/s, seconds to the first answer, RSS after the soak."""
+    bars: dict[str, dict[str, float]] = {}
+    mixed = result.get("mixed", {})
+    low = mixed.get("connections")
+    for name, values in mixed.get("texts_per_s", {}).items():
+        if name != "reference" and values.get("mixed", {}).get("median") is not None:
+            bars.setdefault(f"mixed lengths, {low} connections: texts/s", {})[name] = values["mixed"]["median"]
+    cold = result.get("cold_start", {})
+    for name, label in (("service", "service"), ("runpod", "RunPod worker"), ("vllm", "vllm")):
+        if name in cold:
+            bars.setdefault("cold start to the first answer: s", {})[label] = cold[name]["first_answer_s"]["median"]
+    if "vllm" in cold:
+        bars["cold start to the first answer: s"]["vllm, empty compile cache"] = cold["vllm"]["first_start_s"]
+    for name, row in result.get("peer_rss", {}).get("systems", {}).items():
+        if row.get("rss_end_mb") is not None:
+            bars.setdefault("RSS at the end of the soak: MB", {})[name] = row["rss_end_mb"]
+    return bars
+
+
+def plot_peers(result: dict[str, Any], axes: Any) -> None:
+    colors = {"service": "tab:blue", "infinity_server": "tab:orange", "service_onnx_int8": "tab:red",
+              "service_ct2": "tab:brown", "vllm": "tab:olive", "vllm, empty compile cache": "tab:olive"}
+    panels = list(peer_bars(result).items())
+    for ax, (title, values) in zip(axes, panels):
+        names = list(values)
+        ax.barh(names, list(values.values()), color=[colors.get(n, "tab:gray") for n in names])
+        for i, v in enumerate(values.values()):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=7)
+        ax.invert_yaxis()
+        ax.set(title=title)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
 
 
 def plot_parts(result: dict[str, Any], axes: Any) -> None:
@@ -109,6 +149,8 @@ def plot_parts(result: dict[str, Any], axes: Any) -> None:
         ax_r.barh(list(bars), list(bars.values()), color="tab:green")
         ax_r.axvline(fwd["raw"]["forward_ms"] + GOAL_GAP_MS, color="tab:red", linestyle=":",
                      label=f"goal: forward + {GOAL_GAP_MS:g} ms")
+        ax_r.axvline(fwd["raw"]["forward_ms"] * GOAL_RATIO, color="tab:purple", linestyle="--",
+                     label=f"goal: {GOAL_RATIO:g} x forward")
         ax_r.invert_yaxis()
         ax_r.set(xlabel="ms (medians)", title="One client against the raw forward pass")
         ax_r.legend(fontsize=7)
@@ -119,7 +161,13 @@ def plot_parts(result: dict[str, Any], axes: Any) -> None:
 
 def tables(result: dict[str, Any]) -> str:
     """Markdown tables of every part that ran, and the goals."""
-    out: list[str] = cold_start_table(result.get("cold_start", {}))
+    out: list[str] = [f"Versions: {name}: " + ", ".join(f"{k} {v}" for k, v in found.items())
+                      for name, found in result.get("versions", {}).items() if found]
+    if result.get("vllm_threads"):
+        out.append("vLLM's model threads: " + ", ".join(f"{k} {v}" for k, v in result["vllm_threads"].items()))
+    if "vllm" in result.get("skipped", {}):
+        out.append(f"vLLM skipped: {result['skipped']['vllm']}")
+    out += cold_start_table(result.get("cold_start", {}))
     sweeps = (("systems", "Concurrency sweep (httpx closed loops, one sentence a request)", "texts_per_s",
                "server_cpu_ms_per_text"),
               ("systems_wrk", "The sweep's HTTP points by wrk (a client that leaves the cores to the server)",
@@ -171,22 +219,21 @@ def tables(result: dict[str, Any]) -> str:
         from bench.mixed import table as mixed_table
 
         out += ["", f"Mixed lengths: {mixed['request']}; {mixed['bulk']}", "", mixed_table(mixed)]
-    mixed = result.get("mixed", {})
-    if mixed.get("texts_per_s"):
-        from bench.mixed import table as mixed_table
-
-        out += ["", f"Mixed lengths: {mixed['request']}; {mixed['bulk']}", "", mixed_table(mixed)]
     fwd = result.get("forward", {})
     if fwd.get("raw"):
         raw = fwd["raw"]
         out += ["", f"One client against the raw forward pass ({raw['dtype']}, {raw['torch_threads']} torch threads, "
                     f"median of {raw['runs']})", "",
-                "| raw forward ms | tokenize ms | service p50 ms | service p50 - forward ms |", "|---:|---:|---|---|"]
+                "| raw forward ms | tokenize ms | service p50 ms | service p50 - forward ms | p50 / forward |",
+                "|---:|---:|---|---|---:|"]
         p50s = ", ".join(f"{v:.2f} ({k})" for k, v in fwd.get("service_p50_ms", {}).items()) or "–"
         gaps = ", ".join(f"{v:+.2f} ({k})" for k, v in fwd.get("gap_ms", {}).items()) or "–"
-        out.append(f"| {raw['forward_ms']:.2f} | {raw['tokenize_ms']:.2f} | {p50s} | {gaps} |")
+        out.append(f"| {raw['forward_ms']:.2f} | {raw['tokenize_ms']:.2f} | {p50s} | {gaps} | "
+                   f"{fmt(fwd.get('p50_over_forward'), 3)} |")
     if "images" in result:
         out += images_table(result["images"])
+    if result.get("peer_rss", {}).get("systems"):
+        out += rss_table(result["peer_rss"])
     if result.get("goals"):
         out += ["", "Goals", ""] + [f"- {k}: {fmt(v)}" for k, v in result["goals"].items()]
     return "\n".join(out)

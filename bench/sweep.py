@@ -97,6 +97,12 @@ def sweep_report(args: argparse.Namespace, result: dict[str, Any],
         result["ratios"]["service (wrk)/engine"] = {str(c): ratio(wrk_tps("service", c), tps("engine", c)) for c in cs}
         result["ratios"]["service (wrk)/infinity_server (wrk)"] = {
             str(c): ratio(wrk_tps("service", c), wrk_tps("infinity_server", c)) for c in cs}
+    if "vllm" in systems:
+        result["ratios"]["service/vllm"] = {str(c): ratio(tps("service", c), tps("vllm", c)) for c in cs}
+        if wrk_rows:
+            for name in ("service", *(f"service_{v}" for v in args.backends)):
+                result["ratios"][f"{name} (wrk)/vllm (wrk)"] = {
+                    str(c): ratio(wrk_tps(name, c), wrk_tps("vllm", c)) for c in cs}
 
     facts, mm = result["model"], result["matmul"]
     peak = mm["gflops_best"]
@@ -126,6 +132,9 @@ def sweep_report(args: argparse.Namespace, result: dict[str, Any],
     goals[f"service >= infinity_server @{top}"] = None if r_inf is None else r_inf >= 1.0
     r_p50 = result["ratios"]["p50 service/infinity_server"].get(str(top))
     goals[f"service p50 <= infinity_server p50 @{top}"] = None if r_p50 is None else r_p50 <= 1.0
+    r_vllm = result["ratios"].get("service (wrk)/vllm (wrk)", {})
+    if r_vllm.get("1") is not None:
+        goals["one sentence @1 (wrk): service >= 1.2 x vLLM req/s"] = r_vllm["1"] >= 1.2
     if "onnx-int8" in args.backends:
         r_int8 = result["ratios"]["service_onnx-int8/service"].get(str(top))
         goals[f"service onnx-int8 >= 2 x service torch @{top}"] = None if r_int8 is None else r_int8 >= 2.0

@@ -62,11 +62,11 @@ class TextSource:
         words.insert(self.random.randrange(len(words) + 1), f"#{self.counter}")
         return " ".join(words)
 
-    def request(self) -> tuple[str, str, dict[str, Any], int]:
-        """(kind, path, body, items expected in the answer)."""
-        if self.random.random() < 0.5:
+    def request(self, rerank_share: float = 0.5, model: str | None = None) -> tuple[str, str, dict[str, Any], int]:
+        """(kind, path, body, items expected in the answer); `model` names the model in embedding bodies."""
+        if self.random.random() < 1.0 - rerank_share:  # 0.5: the draw and the kinds of the seeds before
             texts = [self.text() for _ in range(self.random.randint(1, 16))]
-            return "embed", "/v1/embeddings", {"input": texts}, len(texts)
+            return "embed", "/v1/embeddings", {"input": texts, **({"model": model} if model else {})}, len(texts)
         docs = [self.text() for _ in range(self.random.randint(4, 16))]
         return "rerank", "/rerank", {"query": self.text(5, min(30, self.max_words)), "docs": docs}, len(docs)
 
@@ -115,15 +115,17 @@ def listening_server_pid(url: str) -> int:
                      "(the pid of `bentoml serve`)")
 
 
-def worker_processes(server_pid: int) -> list[psutil.Process]:
+def worker_processes(server_pid: int, whole_tree: bool = False) -> list[psutil.Process]:
+    """The server's children (its workers), or itself without any; with `whole_tree` itself and its children."""
     server = psutil.Process(server_pid)
-    return server.children(recursive=True) or [server]
+    children = server.children(recursive=True)
+    return [server, *children] if whole_tree else children or [server]
 
 
-def rss_sample(server_pid: int) -> dict[str, float]:
-    """RSS in MB of each worker process, by pid."""
+def rss_sample(server_pid: int, whole_tree: bool = False) -> dict[str, float]:
+    """RSS in MB of each worker process (with `whole_tree`: each process of the tree), by pid."""
     sample = {}
-    for proc in worker_processes(server_pid):
+    for proc in worker_processes(server_pid, whole_tree):
         try:
             sample[str(proc.pid)] = round(proc.memory_info().rss / MB, 1)
         except psutil.NoSuchProcess:
@@ -156,8 +158,11 @@ def summarize(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
 
 async def soak(url: str, server_pid: int, duration: float, connections: int = 16, warmup: float | None = None,
                interval: float = 2.0, timeout: float = 120.0, seed: int | None = None,
-               max_words: int = 200) -> dict[str, Any]:
-    """Load `url` for `duration` s while sampling the RSS of `server_pid`'s workers; the report."""
+               max_words: int = 200, rerank_share: float = 0.5, model: str | None = None,
+               whole_tree: bool = False) -> dict[str, Any]:
+    """Load `url` for `duration` s while sampling the RSS of `server_pid`'s workers (`whole_tree`: of the server
+    and all its children, for servers of other designs than BentoML's); the report. `rerank_share` of the
+    requests are reranks (0: embeddings only), `model` goes into embedding bodies."""
     warmup = min(30.0, duration / 5) if warmup is None else warmup
     source = TextSource(seed, max_words)
     counts = {"embed": [0, 0], "rerank": [0, 0]}  # [ok, failed]
@@ -169,7 +174,7 @@ async def soak(url: str, server_pid: int, duration: float, connections: int = 16
 
     async def connection(client: httpx.AsyncClient) -> None:
         while time.monotonic() < deadline:
-            kind, path, body, expected = source.request()
+            kind, path, body, expected = source.request(rerank_share, model)
             t0 = time.perf_counter()
             try:
                 response = await client.post(url + path, json=body)
@@ -185,7 +190,7 @@ async def soak(url: str, server_pid: int, duration: float, connections: int = 16
     async def sampler(done: asyncio.Event) -> None:
         while True:
             finished = done.is_set()  # the last sample is taken once the requests in flight are answered
-            per_pid = rss_sample(server_pid)
+            per_pid = rss_sample(server_pid, whole_tree)
             samples.append({"t": round(time.monotonic() - started, 1), "rss_mb": round(sum(per_pid.values()), 1),
                             "per_pid": per_pid})
             if finished:
@@ -202,7 +207,7 @@ async def soak(url: str, server_pid: int, duration: float, connections: int = 16
         await asyncio.gather(*(connection(client) for _ in range(connections)))
     done.set()
     await sampling
-    workers = worker_processes(server_pid)
+    workers = worker_processes(server_pid, whole_tree)
     allocators = {str(p.pid): mapped(p.pid) or ("system", None) for p in workers}
     ok = counts["embed"][0] + counts["rerank"][0]
     failed = counts["embed"][1] + counts["rerank"][1]
