@@ -241,3 +241,99 @@ def test_interrupted_half_way_resume_finishes_with_every_id_once(tmp_path, sig):
     ids, matrix = read_out(out)
     assert sorted(ids) == [r["id"] for r in rows] and len(set(ids)) == len(rows)
     assert np.isfinite(matrix).all()
+
+
+# ---- against running servers; the same vectors as the service ----
+
+
+def test_server_mode_gives_the_service_vectors_and_survives_a_dead_server(embedder, default_server, tmp_path):
+    import httpx
+
+    from runners.corpus.client import ServerEmbedder
+
+    rows = corpus(45, seed=5)
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    dead = "http://127.0.0.1:9"  # nothing listens there: its requests are retried on the live server
+    client = ServerEmbedder([dead, default_server.url], concurrency=2, request_texts=8, retries=4)
+    try:
+        summary = run_corpus(job(source, tmp_path / "out"), client)
+    finally:
+        client.close()
+    assert summary.rows == 45
+    ids, matrix = read_out(tmp_path / "out")
+    assert ids == [r["id"] for r in rows]
+    texts = [r["text"] for r in rows]
+    answer = httpx.post(default_server.url + "/v1/embeddings", json={"input": texts}, timeout=60).json()
+    served = np.asarray([d["embedding"] for d in answer["data"]], dtype=np.float32)
+    assert cosines(matrix, served).min() >= 0.9999  # the command against the server = the server
+    assert cosines(embedder.embed(texts), served).min() >= 0.9999  # in-process = the server
+    meta = pq.read_table(tmp_path / "out" / "part-00000.parquet").schema.metadata
+    assert meta[b"embed_rerank.model"] == answer["model"].encode() and meta[b"embed_rerank.dimensions"] == b"384"
+
+
+def test_quantized_vectors_match_the_service(default_server, tmp_path):
+    from runners.corpus.client import ServerEmbedder
+
+    texts = [r["text"] for r in corpus(20, seed=6)]
+    options = EmbedOptions(embedding_type="int8", dimensions=128)
+    client = ServerEmbedder([default_server.url], options)
+    local = LocalEmbedder(options, env=hermetic_env())
+    try:
+        remote, here = client.embed(texts), local.embed(texts)
+    finally:
+        client.close()
+        local.close()
+    assert remote.dtype == here.dtype == np.int8 and remote.shape == here.shape == (20, 128)
+    assert np.abs(remote.astype(int) - here.astype(int)).max() <= 1
+
+
+def test_a_server_refusal_stops_the_run_with_its_message(default_server, tmp_path):
+    from runners.corpus.client import ServerEmbedder
+
+    client = ServerEmbedder([default_server.url], EmbedOptions(dimensions=5000))
+    try:
+        with pytest.raises(CorpusError, match="refused texts 0-2 of the shard with 4.*dimensions"):
+            run_corpus(job(write_jsonl(tmp_path / "in.jsonl", corpus(3)), tmp_path / "out"), client)
+    finally:
+        client.close()
+
+
+# ---- Ray Data (the `ray` extra) ----
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator:
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    # Workers inherit this process's environment (PYTHONPATH included); the hub stays offline in them too.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "CACHE_MB": "0"}})
+    yield ray
+    ray.shutdown()
+
+
+def test_the_ray_stage_and_ray_command_give_the_command_output(embedder, ray_local, tmp_path):
+    from ray.data import ActorPoolStrategy
+
+    from runners.corpus.ray_stage import EmbedBatches
+
+    rows = corpus(40, seed=7)
+    source = write_parquet(tmp_path / "in.parquet", rows)
+    run_corpus(job(source, tmp_path / "command"), embedder)
+    ids, expected = read_out(tmp_path / "command")
+
+    ds = ray_local.data.read_parquet(str(source))
+    out = ds.map_batches(EmbedBatches, batch_format="pyarrow", batch_size=16,
+                         compute=ActorPoolStrategy(size=1), num_cpus=1).take_all()
+    by_id = {r["id"]: np.asarray(r["embedding"], dtype=np.float32) for r in out}
+    assert sorted(by_id) == ids
+    assert cosines(np.stack([by_id[i] for i in ids]), expected).min() >= 0.9999
+
+    from runners.corpus.ray_stage import run_ray
+
+    summary = run_ray(job(source, tmp_path / "ray", shard_rows=20))
+    assert summary.rows == 40
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "ray").glob("*.parquet"))])
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    got = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+    assert cosines(np.asarray([got[i] for i in ids], dtype=np.float32), expected).min() >= 0.9999

@@ -198,10 +198,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-texts", type=int, default=256, help="with --server: texts per request")
     p.add_argument("--retries", type=int, default=8, help="with --server: tries per request on 429/503/connection errors")
     p.add_argument("--api-key", help="with --server: the servers' API_KEY")
-    p.add_argument("--ray-address", help="with --ray: the cluster (default: RAY_ADDRESS, else a local one)")
+    p.add_argument("--ray-address", help="with --ray: the cluster's address, or local (default: RAY_ADDRESS, else local)")
     p.add_argument("--ray-actors", type=int, default=1, help="with --ray: model replicas (default 1)")
     p.add_argument("--ray-gpus", type=float, default=0, help="with --ray: GPUs per replica (default 0)")
     p.add_argument("--ray-cpus", type=float, default=1, help="with --ray: CPUs per replica (default 1)")
+    p.add_argument("--ray-num-cpus", type=int, help="with --ray on a local cluster: its CPUs (default: all)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
 
@@ -238,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.server:
                 raise CorpusError("--ray and --server do not go together: Ray runs the model in its own actors")
             summary = run_ray(job, address=args.ray_address, actors=args.ray_actors, gpus=args.ray_gpus,
-                              cpus=args.ray_cpus)
+                              cpus=args.ray_cpus, local_cpus=args.ray_num_cpus)
         else:
             io.detect_format(job.input, job.format)  # a wrong input fails before the model loads
             embedder = make_embedder(args, job.options)

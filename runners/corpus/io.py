@@ -84,7 +84,7 @@ def count_rows(path: Path, fmt: str) -> int | None:
     return None
 
 
-def _check_text(text: Any, where: Callable[[], str], column: str) -> str:
+def check_text(text: Any, where: Callable[[], str], column: str) -> str:
     if not isinstance(text, str):
         kind = "missing (null)" if text is None else f"a {type(text).__name__}, not a string"
         raise CorpusError(f"{where()}: the text column {column!r} is {kind}: give every row a non-empty text "
@@ -222,7 +222,7 @@ def read_shards(path: Path, fmt: str, text_column: str, id_column: str, shard_ro
         if item is not None:
             id_, text, where = item
             ids.append(_check_id(id_, kind, where, id_column))
-            texts.append(_check_text(text, where, text_column))
+            texts.append(check_text(text, where, text_column))
         row += 1
         if row % shard_rows == 0:
             if ids:
