@@ -111,6 +111,29 @@ def test_quantized_and_shortened_outputs(embedder, tmp_path):
     assert table.schema.metadata[b"embed_rerank.embedding_type"] == b"int8"
 
 
+def test_sparse_vectors_are_a_struct_column_as_the_service_gives_them(tmp_path):
+    import checkpoints
+
+    from runners.capabilities.queries import EmbedQuery
+
+    splade = checkpoints.build_splade(tmp_path / "tiny-splade")
+    rows = corpus(12, seed=8)
+    sparse = LocalEmbedder(EmbedOptions(model=str(splade), output="sparse"), env=hermetic_env())
+    try:
+        run_corpus(job(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"), sparse)
+        texts = [r["text"] for r in rows]
+        answer = sparse._loop.call(sparse.service.embed(EmbedQuery(texts=texts, token_ids=None, outputs=("sparse",))))
+    finally:
+        sparse.close()
+    table = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "out").glob("part-*.parquet"))])
+    assert table.schema.field("embedding").type == pa.struct([("indices", pa.list_(pa.int32())),
+                                                              ("values", pa.list_(pa.float32()))])
+    assert table.schema.metadata[b"embed_rerank.output"] == b"sparse"
+    for got, want in zip(table.column("embedding").to_pylist(), answer["data"]):
+        assert got["indices"] == want["embedding"]["indices"]
+        assert np.allclose(got["values"], want["embedding"]["values"], rtol=1e-4, atol=1e-6)  # other batches
+
+
 def test_resume_writes_only_the_missing_shards_and_checks_the_options(embedder, tmp_path):
     rows = corpus(50)
     source, out = write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out"
@@ -197,6 +220,21 @@ def test_a_shard_that_fails_to_write_is_named_and_resume_continues(embedder, tmp
     (out / "part-00001.parquet").rmdir()
     run_corpus(job(source, out, resume=True), embedder)
     assert read_out(out)[0] == [r["id"] for r in rows]
+
+
+def test_worker_processes_share_the_shards_and_give_the_same_vectors(embedder, tmp_path):
+    from runners.corpus.pool import WorkerPool
+
+    rows = corpus(40, seed=9)
+    pool = WorkerPool(EmbedOptions(), 2, env=hermetic_env())  # what --workers 2 starts: one per GPU on a GPU host
+    try:
+        summary = run_corpus(job(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out", prefetch=4), pool)
+    finally:
+        pool.close()
+    assert (summary.rows, summary.shards) == (40, 4)
+    ids, matrix = read_out(tmp_path / "out")
+    assert ids == [r["id"] for r in rows]
+    assert cosines(matrix, embedder.embed([r["text"] for r in rows])).min() >= 0.9999
 
 
 def test_the_command_line_reports_errors_in_one_line(tmp_path, capsys):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runners.corpus.embedder import DTYPES, EmbedOptions, LoopThread, slices
+from runners.corpus.embedder import DTYPES, EmbedOptions, LoopThread, SparseRows, slices
 from runners.corpus.io import CorpusError
 
 RETRY_STATUS = (429, 502, 503, 504)
@@ -50,14 +50,15 @@ class ServerEmbedder:
 
     def metadata(self) -> dict[str, Any]:
         o = self.options
-        return {"model": self.model_name or "", "dimensions": self.dimensions, "embedding_type": o.embedding_type,
+        return {"model": self.model_name or "", "dimensions": self.dimensions, "output": o.output,
+                "embedding_type": o.embedding_type,
                 "normalize": o.normalize, "input_type": o.input_type or "", "prompt_name": o.prompt_name or "",
                 "servers": " ".join(self.urls)}
 
     def _body(self, texts: list[str]) -> dict[str, Any]:
         o = self.options
         body: dict[str, Any] = {"input": texts, "encoding_format": "base64", "embedding_type": o.embedding_type,
-                                "normalize": o.normalize}
+                                "normalize": o.normalize, "output": o.output}
         for key in ("model", "input_type", "dimensions"):
             if getattr(o, key) is not None:
                 body[key] = getattr(o, key)
@@ -69,7 +70,7 @@ class ServerEmbedder:
         choices = [u for u in self.urls if u != avoid] or self.urls
         return min(choices, key=self.in_flight.__getitem__)
 
-    async def _request(self, texts: list[str], offset: int) -> np.ndarray:
+    async def _request(self, texts: list[str], offset: int) -> Any:
         import httpx
 
         body = self._body(texts)
@@ -101,10 +102,14 @@ class ServerEmbedder:
         raise CorpusError(f"texts {offset}-{offset + len(texts) - 1} of the shard failed {self.retries} times "
                           f"(last: {last_error}): check the servers, then run again with --resume")
 
-    def _decode(self, answer: dict[str, Any], count: int, url: str) -> np.ndarray:
+    def _decode(self, answer: dict[str, Any], count: int, url: str) -> Any:
         data = sorted(answer["data"], key=lambda d: d["index"])
         if len(data) != count:
             raise CorpusError(f"{url} answered {len(data)} embeddings for {count} texts")
+        if self.options.output == "sparse":
+            self.model_name = self.model_name or answer.get("model")
+            return SparseRows((np.asarray(d["embedding"]["indices"], dtype=np.int32),
+                               np.asarray(d["embedding"]["values"], dtype=np.float32)) for d in data)
         dtype = np.dtype(DTYPES[self.options.embedding_type]).newbyteorder("<")
         matrix = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=dtype) for d in data])
         self.model_name = self.model_name or answer.get("model")
@@ -114,8 +119,10 @@ class ServerEmbedder:
             self.dimensions = self.dimensions or self.options.dimensions or matrix.shape[1] * 8
         return matrix.astype(dtype.newbyteorder("="), copy=False)
 
-    async def embed_async(self, texts: list[str]) -> np.ndarray:
+    async def embed_async(self, texts: list[str]) -> Any:
         parts = await asyncio.gather(*(self._request(texts[a:b], a) for a, b in slices(texts, self.request_texts)))
+        if self.options.output == "sparse":
+            return SparseRows(row for part in parts for row in part)
         return np.concatenate(parts)
 
     def submit(self, texts: list[str]) -> concurrent.futures.Future:

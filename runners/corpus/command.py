@@ -144,12 +144,12 @@ def run_corpus(job: Job, embedder: Embedder, stop: StopFlag | None = None) -> Su
         try:
             for shard in io.read_shards(job.input, fmt, job.text_column, job.id_column, job.shard_rows,
                                         skip=written.__contains__):
-                pending.append((shard, embedder.submit(shard.texts)))
-                while len(pending) >= max(1, job.prefetch) or (pending and pending[0][1].done()):
-                    finish_oldest()
                 if stop.requested:
                     summary.interrupted = True
                     break
+                pending.append((shard, embedder.submit(shard.texts)))
+                while len(pending) >= max(1, job.prefetch) or (pending and pending[0][1].done()):
+                    finish_oldest()
         except CorpusError:
             while pending:  # a bad row stops the run; the shards before it are written
                 finish_oldest()
@@ -193,7 +193,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dimensions", type=int, help="keep the first N dimensions (matryoshka), re-normalized")
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="vectors as the model gives them")
     p.add_argument("--embedding-type", default="float", choices=["float", "int8", "uint8", "binary", "ubinary"])
-    p.add_argument("--prefetch", type=int, default=2, help="shards in flight (default 2)")
+    p.add_argument("--output", default="dense", choices=["dense", "sparse"],
+                   help="sparse: {indices, values} per text, from a SPLADE or BGE-M3 model")
+    p.add_argument("--prefetch", type=int, default=2, help="shards in flight per worker (default 2)")
+    p.add_argument("--workers", type=int, help="in this process: worker processes, one per GPU (default: WORKERS, "
+                                               "else one per visible GPU, 1 on a CPU)")
     p.add_argument("--concurrency", type=int, default=4, help="with --server: requests in flight per server")
     p.add_argument("--request-texts", type=int, default=256, help="with --server: texts per request")
     p.add_argument("--retries", type=int, default=8, help="with --server: tries per request on 429/503/connection errors")
@@ -209,7 +213,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def job_of(args: argparse.Namespace) -> Job:
     options = EmbedOptions(model=args.model, input_type=args.input_type, prompt_name=args.prompt_name,
-                           dimensions=args.dimensions, normalize=args.normalize, embedding_type=args.embedding_type)
+                           dimensions=args.dimensions, normalize=args.normalize, embedding_type=args.embedding_type,
+                           output=args.output)
     return Job(input=args.input, out_dir=args.out_dir, format=args.format, text_column=args.text_column,
                id_column=args.id_column, shard_rows=args.shard_rows, resume=args.resume, options=options,
                prefetch=args.prefetch, progress=args.progress)
@@ -221,8 +226,14 @@ def make_embedder(args: argparse.Namespace, options: EmbedOptions) -> Embedder:
 
         return ServerEmbedder(args.server, options, concurrency=args.concurrency, request_texts=args.request_texts,
                               retries=args.retries, api_key=args.api_key)
-    from runners.corpus.embedder import LocalEmbedder
+    from runners.corpus.embedder import LocalEmbedder, prepare_environment
+    from runners.workers import worker_count
 
+    count = args.workers or worker_count(prepare_environment(options))
+    if count > 1:
+        from runners.corpus.pool import WorkerPool
+
+        return WorkerPool(options, count)
     return LocalEmbedder(options)
 
 
@@ -230,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     job = job_of(args)
     stop = StopFlag()
-    stop.install()
+    if not args.ray:  # Ray stops its own workers on Ctrl-C
+        stop.install()
     embedder: Embedder | None = None
     try:
         if args.ray:
@@ -243,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             io.detect_format(job.input, job.format)  # a wrong input fails before the model loads
             embedder = make_embedder(args, job.options)
+            job.prefetch *= getattr(embedder, "workers", 1)
             summary = run_corpus(job, embedder, stop)
     except CorpusError as exc:
         print(f"corpus: {exc}", file=sys.stderr)

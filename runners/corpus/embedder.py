@@ -39,6 +39,7 @@ class EmbedOptions:
     dimensions: int | None = None
     normalize: bool = True
     embedding_type: str = "float"  # float, int8, uint8, binary, ubinary
+    output: str = "dense"  # dense, or sparse ({indices, values} per text: SPLADE, BGE-M3)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,10 @@ def slices(texts: list[str], size: int = SLICE_TEXTS, chars: int = SLICE_CHARS) 
 def name_rows(message: str, offset: int) -> str:
     """A service error names `input[i]` of its slice: say which text of the shard it was."""
     return re.sub(r"'input\[(\d+)\]'", lambda m: f"text {offset + int(m.group(1))} of the shard", message)
+
+
+class SparseRows(list):
+    """Per text its sparse vector, (indices ascending, weights) as int32 and float32 arrays."""
 
 
 class LoopThread:
@@ -113,17 +118,23 @@ class LocalEmbedder:
 
     def __init__(self, options: EmbedOptions | None = None, env: Mapping[str, str] | None = None) -> None:
         from runners.capabilities.service import InferenceService
-        from runners.vocabulary import EMBED, EMBEDDING_TYPES
+        from runners.vocabulary import EMBED, EMBEDDING_TYPES, SPARSE
 
         self.options = options or EmbedOptions()
         if self.options.embedding_type not in EMBEDDING_TYPES:
             raise CorpusError(f"embedding type {self.options.embedding_type!r} is not one of {', '.join(EMBEDDING_TYPES)}")
+        if self.options.output not in ("dense", SPARSE):
+            raise CorpusError(f"output {self.options.output!r}: the corpus command writes dense or sparse vectors")
+        if self.options.output == SPARSE and self.options.embedding_type != "float":
+            raise CorpusError("sparse vectors are not quantized: leave --embedding-type float with --output sparse")
         settings = prepare_environment(self.options, env)
         self._loop = LoopThread("corpus-engine")
         self.service = InferenceService(settings)
         try:
             self._loop.call(self.service.start())
-            self.model = self.service.registry.resolve(None, EMBED)
+            # the service's own choice of model for the output (a multi-output checkpoint first for sparse)
+            self.model = self.service._model_with(None, (SPARSE,)) if self.options.output == SPARSE \
+                else self.service.registry.resolve(None, EMBED)
         except BaseException as exc:
             self.close()
             if isinstance(exc, Exception):
@@ -134,7 +145,8 @@ class LocalEmbedder:
 
     def metadata(self) -> dict[str, Any]:
         o = self.options
-        return {"model": self.model_name, "dimensions": self.dimensions, "embedding_type": o.embedding_type,
+        return {"model": self.model_name, "dimensions": self.dimensions, "output": o.output,
+                "embedding_type": o.embedding_type,
                 "normalize": o.normalize, "input_type": o.input_type or "", "prompt_name": o.prompt_name or ""}
 
     async def _slice(self, texts: list[str], offset: int) -> np.ndarray:
@@ -143,8 +155,13 @@ class LocalEmbedder:
 
         o = self.options
         query = EmbedQuery(texts=texts, token_ids=None, model=self.model_name, input_type=o.input_type,
-                           prompt_name=o.prompt_name, dimensions=o.dimensions, normalize=o.normalize)
+                           prompt_name=o.prompt_name, dimensions=o.dimensions, normalize=o.normalize,
+                           outputs=(o.output,))
         try:
+            if o.output == "sparse":
+                _, rows, _ = await self.service.multi_outputs(query)
+                return SparseRows((np.asarray(r["sparse"]["indices"], dtype=np.int32),
+                                   np.asarray(r["sparse"]["values"], dtype=np.float32)) for r in rows)
             dense = await self.service.dense(query)
         except ServiceError as exc:
             raise CorpusError(name_rows(str(exc), offset)) from None
@@ -154,8 +171,10 @@ class LocalEmbedder:
         from runners.capabilities import quantize
 
         parts = await asyncio.gather(*(self._slice(texts[a:b], a) for a, b in slices(texts)))
-        vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
         o = self.options
+        if o.output == "sparse":
+            return SparseRows(row for part in parts for row in part)
+        vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if o.embedding_type == "float":
             return np.ascontiguousarray(vectors, dtype=np.float32)
         calibration = await self.service.calibration(self.model) if o.embedding_type in ("int8", "uint8") else None

@@ -276,10 +276,23 @@ def embedding_array(matrix: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-def shard_table(ids: list[Any] | Any, matrix: np.ndarray, metadata: dict[str, str]) -> Any:
+def sparse_array(rows: list[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """A struct<indices: list<int32>, values: list<float32>> column from per-row arrays (one copy each)."""
+    pa = pyarrow()
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum([len(i) for i, _ in rows], out=offsets[1:])
+    flat = [np.concatenate([r[k] for r in rows]) if rows else np.zeros(0) for k in (0, 1)]
+    indices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat[0].astype(np.int32)))
+    values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat[1].astype(np.float32)))
+    return pa.StructArray.from_arrays([indices, values], names=["indices", "values"])
+
+
+def shard_table(ids: list[Any] | Any, vectors: Any, metadata: dict[str, str]) -> Any:
+    """The shard's `id` and `embedding` columns: a fixed-size list from a matrix, a struct from sparse rows."""
     pa = pyarrow()
     ids_array = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)
-    table = pa.table({"id": ids_array, "embedding": embedding_array(matrix)})
+    column = embedding_array(vectors) if isinstance(vectors, np.ndarray) else sparse_array(vectors)
+    table = pa.table({"id": ids_array, "embedding": column})
     return table.replace_schema_metadata({f"{METADATA_PREFIX}{k}": str(v) for k, v in metadata.items()})
 
 

@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runners.corpus import io
 from runners.corpus.embedder import EmbedOptions, LocalEmbedder
 from runners.corpus.io import CorpusError
@@ -35,11 +37,12 @@ class EmbedBatches:
 
     def __init__(self, model: str | None = None, text_column: str = "text", id_column: str = "id",
                  input_type: str | None = None, prompt_name: str | None = None, dimensions: int | None = None,
-                 normalize: bool = True, embedding_type: str = "float", env: dict[str, str] | None = None) -> None:
+                 normalize: bool = True, embedding_type: str = "float", output: str = "dense",
+                 env: dict[str, str] | None = None) -> None:
         self.text_column, self.id_column = text_column, id_column
         self.embedder = LocalEmbedder(EmbedOptions(model=model, input_type=input_type, prompt_name=prompt_name,
                                                    dimensions=dimensions, normalize=normalize,
-                                                   embedding_type=embedding_type), env=env)
+                                                   embedding_type=embedding_type, output=output), env=env)
 
     def __call__(self, batch: Any) -> Any:
         pa = io.pyarrow()
@@ -55,7 +58,7 @@ class EmbedBatches:
                  for i, t in enumerate(raw)]
         matrix = self.embedder.embed(texts)
         out = io.shard_table(ids, matrix, self.embedder.metadata())
-        if table is not None:
+        if table is not None or not isinstance(matrix, np.ndarray):
             return out
         return {"id": batch[self.id_column], "embedding": matrix}
 
@@ -117,7 +120,7 @@ def run_ray(job: Any, *, address: str | None = None, actors: int = 1, gpus: floa
             fn_constructor_kwargs={"model": o.model, "text_column": job.text_column, "id_column": job.id_column,
                                    "input_type": o.input_type, "prompt_name": o.prompt_name,
                                    "dimensions": o.dimensions, "normalize": o.normalize,
-                                   "embedding_type": o.embedding_type},
+                                   "embedding_type": o.embedding_type, "output": o.output},
             compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
             num_gpus=gpus or None, num_cpus=cpus)
         stage.write_parquet(str(job.out_dir), min_rows_per_file=job.shard_rows)
