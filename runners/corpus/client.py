@@ -33,6 +33,8 @@ class ServerEmbedder:
             if not url.startswith(("http://", "https://")):
                 raise CorpusError(f"--server {url!r} is not an http:// or https:// URL")
         self.options = options or EmbedOptions()
+        if self.options.prompt_name is not None:
+            raise CorpusError("--prompt-name is not sent to servers: use --input-type query|document with --server")
         self.request_texts = request_texts
         self.retries = retries
         self.in_flight = dict.fromkeys(self.urls, 0)
@@ -62,8 +64,6 @@ class ServerEmbedder:
         for key in ("model", "input_type", "dimensions"):
             if getattr(o, key) is not None:
                 body[key] = getattr(o, key)
-        if o.prompt_name is not None:
-            raise CorpusError("--prompt-name is not sent to servers: use --input-type query|document with --server")
         return body
 
     def _pick(self, avoid: str | None) -> str:

@@ -71,8 +71,9 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
 
-    def install(self) -> None:
-        signal.signal(signal.SIGINT, self._handle)
+    def install(self) -> Any:
+        """Handle SIGINT; returns the handler it replaced."""
+        return signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -241,8 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     job = job_of(args)
     stop = StopFlag()
-    if not args.ray:  # Ray stops its own workers on Ctrl-C
-        stop.install()
+    previous = None if args.ray else stop.install()  # Ray stops its own workers on Ctrl-C
     embedder: Embedder | None = None
     try:
         if args.ray:
@@ -266,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if embedder is not None:
             embedder.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     rate = summary.rows / summary.seconds if summary.seconds else 0.0
     print(f"corpus: {summary.rows} texts in {summary.shards} shards written to {job.out_dir} ({rate:.1f} texts/s; "
           f"{summary.skipped} shards kept from before)", file=sys.stderr)
