@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from runners.api import handlers, tei
+from runners.api import batches, handlers, tei
 from runners.api.responses import answer, client_status_error, error_response, is_tei, parse_json
 from runners.api.schemas import (
     ClassifyRequest,
@@ -53,6 +53,7 @@ class Route:
     schema: type[BaseModel] | None = None
     fast: bool = False  # FrontDoor answers a well-formed body itself
     plain_text: bool = False  # the answer is text (documented so in the OpenAPI document), not JSON
+    raw: bool = False  # the handler takes the request itself (path parameters, a multipart upload)
 
     @property
     def tei(self) -> bool:
@@ -69,6 +70,16 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", handlers.models),
     Route("POST", "/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
     Route("POST", "/v1/rerank", handlers.v1_rerank, V1RerankRequest, fast=True),
+    # OpenAI Batch API: files and batches in DATA_DIR (runners.api.batches, runners.jobs)
+    Route("POST", "/v1/files", batches.upload_file, raw=True),
+    Route("GET", "/v1/files", batches.list_files, raw=True),
+    Route("GET", "/v1/files/{file_id}", batches.get_file, raw=True),
+    Route("DELETE", "/v1/files/{file_id}", batches.delete_file, raw=True),
+    Route("GET", "/v1/files/{file_id}/content", batches.file_content, raw=True),
+    Route("POST", "/v1/batches", batches.create_batch),
+    Route("GET", "/v1/batches", batches.list_batches, raw=True),
+    Route("GET", "/v1/batches/{batch_id}", batches.get_batch, raw=True),
+    Route("POST", "/v1/batches/{batch_id}/cancel", batches.cancel_batch, raw=True),
     # Cohere v2
     Route("POST", "/v2/embed", handlers.v2_embed, CohereEmbedRequest, fast=True),
     Route("POST", "/v2/rerank", handlers.v2_rerank, V2RerankRequest, fast=True),
@@ -89,6 +100,14 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/tei/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
 )
 
+def line_routes() -> dict[str, tuple[type[BaseModel], Callable[[Any], Awaitable[Any]]]]:
+    """The schema and handler of every route a batch line may name (runners.jobs.wire.ENDPOINTS)."""
+    from runners.jobs.wire import ENDPOINTS
+
+    table = {route.path: route for route in ROUTES if route.method == "POST" and route.schema is not None}
+    return {path: (table[path].schema, table[path].handle) for path in ENDPOINTS}  # type: ignore[misc]
+
+
 # Prefixes served by a FastAPI app each (mounted by service.py); other paths are BentoML APIs.
 MOUNTS = {
     "/v1": "OpenAI, Jina and Cohere v1 compatible routes",
@@ -107,7 +126,7 @@ def fast_routes() -> dict[str, Route]:
 
 def untraced_paths() -> list[str]:
     """Paths OpenTelemetry's middleware skips (it halved a bare route's req/s): every model route."""
-    return [route.path for route in ROUTES if not route.tei] + [TEI_PREFIX]
+    return [route.path for route in ROUTES if not route.tei and not route.raw] + [TEI_PREFIX]
 
 
 # ---- the framework's routes, made from the table ----
@@ -147,6 +166,8 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
 
     async def raw_endpoint(request: Request) -> Response:
         async def call() -> Any:
+            if route.raw:
+                return await route.handle(request)
             if route.method == "GET":
                 return await route.handle(dict(request.query_params))
             return await route.handle(parse_json(await request.body()))
