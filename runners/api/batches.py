@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 
@@ -28,18 +28,19 @@ log = logging.getLogger("embed_rerank.batches")
 
 _store: JobStore | None = None
 _runner: BatchRunner | None = None
-_line_routes: dict[str, tuple[type[BaseModel], Any]] = {}
+LineRoutes = Mapping[str, tuple[Callable[[Any], Any], Callable[[Any], Awaitable[Any]]]]
+_line_routes: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Awaitable[Any]]]] = {}
 
 
-def bind(store: JobStore, runner: BatchRunner | None, line_routes: Mapping[str, tuple[type[BaseModel], Any]]) -> None:
-    """This worker's store and runner, and the (schema, handler) of each route a line may name."""
+def bind(store: JobStore, runner: BatchRunner | None, line_routes: LineRoutes) -> None:
+    """This worker's store and runner, and how each route a line may name validates a body, and its handler."""
     global _store, _runner
     _store, _runner = store, runner
     _line_routes.clear()
     _line_routes.update(line_routes)
 
 
-def open_store(settings: Any, line_routes: Mapping[str, tuple[type[BaseModel], Any]]) -> BatchRunner:
+def open_store(settings: Any, line_routes: LineRoutes) -> BatchRunner:
     """This worker's store in DATA_DIR and its runner (not started: `runner.start()` once the models serve)."""
     job_store = JobStore(settings.data_dir)
     try:
@@ -59,9 +60,9 @@ def store() -> JobStore:
 
 async def call_line(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
     """What `POST url` with this JSON body would answer: (status, JSON body)."""
-    schema, handle = _line_routes[url]
+    validate, handle = _line_routes[url]
     try:
-        request = schema.model_validate(body)
+        request = validate(body)
         result = await handle(request)
     except ValidationError as exc:
         err: ServiceError = from_validation_errors(list(exc.errors(include_url=False)))

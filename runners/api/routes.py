@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
@@ -100,12 +101,24 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/tei/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
 )
 
-def line_routes() -> dict[str, tuple[type[BaseModel], Callable[[Any], Awaitable[Any]]]]:
-    """The schema and handler of every route a batch line may name (runners.jobs.wire.ENDPOINTS)."""
+def line_routes() -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Awaitable[Any]]]]:
+    """How each route a batch line may name (runners.jobs.wire.ENDPOINTS) validates a parsed body, and its
+    handler. Validation as the route's framework does it, so errors read the same: BentoML (the native
+    routes) validates the JSON text, FastAPI (the mounted ones) the parsed body."""
     from runners.jobs.wire import ENDPOINTS
 
     table = {route.path: route for route in ROUTES if route.method == "POST" and route.schema is not None}
-    return {path: (table[path].schema, table[path].handle) for path in ENDPOINTS}  # type: ignore[misc]
+    rows = {}
+    for path in ENDPOINTS:
+        route = table[path]
+        schema: Any = route.schema
+        if mount_of(path) is None:
+            def validate(body: Any, schema: Any = schema) -> Any:
+                return schema.model_validate_json(orjson.dumps(body))
+        else:
+            validate = schema.model_validate
+        rows[path] = (validate, route.handle)
+    return rows
 
 
 # Prefixes served by a FastAPI app each (mounted by service.py); other paths are BentoML APIs.

@@ -177,6 +177,8 @@ class BatchRunner:
         ending: str | None = None
         try:
             while True:
+                if ending is None:
+                    ending = self._ending(state)
                 while ending is None and len(in_flight) < IN_FLIGHT_CHUNKS:
                     chunk, offset = self._next_chunk(reader)
                     if not chunk:
@@ -205,10 +207,10 @@ class BatchRunner:
                     progress(wire.batch_object(state))
                 if ending is None:
                     ending = self._ending(state)
-                    if ending is not None:
-                        for other, _, _ in in_flight:
-                            other.cancel()
-                        in_flight = []
+                if ending is not None:
+                    for other, _, _ in in_flight:  # their lines were not committed: they are not answered
+                        other.cancel()
+                    in_flight = []
         finally:
             for other, _, _ in in_flight:
                 other.cancel()
