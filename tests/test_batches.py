@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import http.server
 import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,7 +69,10 @@ def run_batch(sdk: openai.OpenAI, lines: list[dict[str, Any]], endpoint: str, **
 
 @pytest.fixture(scope="module")
 def batch_server(start_server, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
-    return start_server({"DATA_DIR": str(tmp_path_factory.mktemp("data"))})
+    data = tmp_path_factory.mktemp("data")
+    server = start_server({"DATA_DIR": str(data)})
+    server.data_dir = data  # type: ignore[attr-defined]
+    return server
 
 
 # ---- the SDK round trip ----
@@ -201,6 +206,19 @@ def test_file_limits(batch_server: ServerProcess) -> None:
         while chunk := conn.recv(65536):
             answer_bytes += chunk
     assert answer_bytes.startswith(b"HTTP/1.1 413") and b"200 MB" in answer_bytes
+    # an upload cut off mid-way: nothing is kept, and the server goes on
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n"
+            b"Content-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", batch_server.port)) as conn:
+        conn.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + head + jsonl(embed_lines(20))[:900])
+    time.sleep(1)
+    assert list((batch_server.data_dir / "uploads").iterdir()) == []
+    cut = head + jsonl(embed_lines(3))[:-40] + b"\r\n--b--\r\n"  # a whole form, its file cut short
+    answer = httpx.post(batch_server.url + "/v1/files", content=cut,
+                        headers={"content-type": "multipart/form-data; boundary=b"})
+    assert answer.status_code == 400 and "line 3 is not valid JSON" in answer.json()["error"]["message"]
+    assert httpx.post(batch_server.url + "/v1/embeddings", json={"input": "still here"}).status_code == 200
     assert _upload(batch_server, jsonl(embed_lines(1)), purpose="fine-tune").status_code == 400
 
 
@@ -229,12 +247,12 @@ def test_batch_create_refusals(batch_server: ServerProcess) -> None:
 
 def test_cancel_keeps_partial_results_and_a_lone_query_stays_fast(batch_server: ServerProcess) -> None:
     sdk = client(batch_server)
-    lines = embed_lines(3000, words=60)
+    lines = embed_lines(1500, words=30)
     uploaded = sdk.files.create(file=("big.jsonl", jsonl(lines)), purpose="batch")
     batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
     worst = 0.0
     with httpx.Client(base_url=batch_server.url, timeout=30) as http:
-        while sdk.batches.retrieve(batch.id).request_counts.completed < 600:
+        while sdk.batches.retrieve(batch.id).request_counts.completed < 256:
             started = time.perf_counter()
             assert http.post("/v1/embeddings", json={"input": "a lone query"}).status_code == 200
             worst = max(worst, time.perf_counter() - started)
@@ -247,7 +265,7 @@ def test_cancel_keeps_partial_results_and_a_lone_query_stays_fast(batch_server: 
     done = wait_final(sdk, batch.id)
     assert done.status == "cancelled" and done.cancelled_at >= done.cancelling_at
     out = read_lines(sdk, done.output_file_id)
-    assert 600 <= len(out) == done.request_counts.completed < 3000
+    assert 256 <= len(out) == done.request_counts.completed < 1500
     assert max(Counter(o["custom_id"] for o in out).values()) == 1
     with pytest.raises(openai.BadRequestError, match="only a batch that has not finished"):
         sdk.batches.cancel(batch.id)
@@ -281,32 +299,32 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     try:
         first.wait_ready()
         sdk = client(first)
-        lines = embed_lines(3000, words=40)
+        lines = embed_lines(1200, words=10)
         uploaded = sdk.files.create(file=("big.jsonl", jsonl(lines)), purpose="batch")
         batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
         state_path = data / "batches" / batch.id / "state.json"
         deadline = time.monotonic() + 120
-        while json.loads(state_path.read_bytes()).get("next_line", 0) < 700:
+        while json.loads(state_path.read_bytes()).get("next_line", 0) < 512:
             assert time.monotonic() < deadline, first.log_tail()
             time.sleep(0.1)
         _kill_server(first)
     finally:
         first.stop()
     committed = json.loads(state_path.read_bytes())
-    assert committed["status"] == "in_progress" and 700 <= committed["next_line"] < 3000
+    assert committed["status"] == "in_progress" and 512 <= committed["next_line"] < 1200
     # lines written after the last commit (if any) are cut at the resume
     second = ServerProcess.bentoml(tmp_path / "second.log", env=env)
     try:
         second.wait_ready()
         sdk = client(second)
         done = wait_final(sdk, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == 3000
+        assert done.status == "completed" and done.request_counts.completed == 1200
         out = read_lines(sdk, done.output_file_id)
         assert Counter(o["custom_id"] for o in out) == Counter(line["custom_id"] for line in lines)
         final = json.loads(state_path.read_bytes())
         assert final["runs"][-1]["from_line"] == committed["next_line"]
         # the new server ran only the lines that were not committed
-        assert _lines_metric(second) == 3000 - committed["next_line"]
+        assert _lines_metric(second) == 1200 - committed["next_line"]
     finally:
         second.stop()
 
@@ -438,3 +456,111 @@ def test_resume_cuts_lines_written_after_the_last_commit(tmp_path: Path, monkeyp
     out = [json.loads(x)["custom_id"] for x in (tmp_path / "batches" / state["id"] / "output.jsonl").read_bytes()
            .splitlines()]
     assert out == [f"r{i}" for i in range(10)]
+
+
+# ---- RunPod: the batch job against a local HTTP server ----
+
+
+class _Files(http.server.BaseHTTPRequestHandler):
+    """GET serves `files[path]`; PUT stores the body there (a stand-in for presigned S3 URLs)."""
+
+    files: dict[str, bytes] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = self.files.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        self.wfile.write(body or b"")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.files[self.path] = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def file_server() -> Any:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
+    _Files.files = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def test_runpod_batch_job(file_server: Any, tmp_path: Path) -> None:
+    from test_runpod_adapter import Worker
+
+    port = file_server.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    lines = embed_lines(50)
+    lines[4]["body"]["model"] = "no-such-model"
+    _Files.files["/in.jsonl"] = jsonl(lines)
+    spec = {"input_url": base + "/in.jsonl", "output_url": base + "/out.jsonl?X-Amz-Signature=s",
+            "error_url": base + "/err.jsonl", "endpoint": "/v1/embeddings"}
+    off = Worker(tmp_path / "off", {"DATA_DIR": str(tmp_path / "data-off")})
+    try:
+        off.wait_up()
+        answer = off.runsync({"batch": spec})
+        assert answer["status"] == "FAILED" and "BATCH_URLS=allow" in answer["error"]
+    finally:
+        off.stop()
+    worker = Worker(tmp_path / "on", {"DATA_DIR": str(tmp_path / "data"), "BATCH_URLS": "allow",
+                                      "BATCH_URL_HOSTS": f"127.0.0.1:{port}"})
+    try:
+        worker.wait_up()
+        answer = worker.runsync({"batch": spec})
+        assert answer["status"] == "COMPLETED", answer
+        output = answer["output"]
+        assert output["status"] == "completed" and output["request_counts"] == {"total": 50, "completed": 49,
+                                                                                 "failed": 1}
+        assert output["output_url"] == base + "/out.jsonl"  # the signature is not echoed
+        out = [json.loads(x) for x in _Files.files["/out.jsonl"].splitlines()]
+        err = [json.loads(x) for x in _Files.files["/err.jsonl"].splitlines()]
+        assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(50) if i != 4)
+        assert [e["custom_id"] for e in err] == ["r4"] and err[0]["response"]["status_code"] == 404
+        # a private address not listed exactly: refused before anything is read
+        other = worker.runsync({"batch": {**spec, "input_url": "http://10.0.0.1/in.jsonl"}})
+        assert other["status"] == "FAILED" and "BATCH_URL_HOSTS" in other["error"]
+    finally:
+        worker.stop()
+
+
+def test_runpod_retry_resumes_from_the_last_commit(file_server: Any, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from runners.api import batches
+    from runpod_adapter import batch_job
+
+    port = file_server.server_address[1]
+    base = f"http://127.0.0.1:{port}"
+    _Files.files["/in.jsonl"] = jsonl(embed_lines(20, url="/embed"))
+    spec = {"input_url": base + "/in.jsonl", "output_url": base + "/out.jsonl", "endpoint": "/embed"}
+    settings = SimpleNamespace(batch_urls=True, batch_url_hosts=(f"127.0.0.1:{port}",), data_dir=tmp_path)
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(runner_module, "CHUNK_LINES", 4)
+    calls = []
+
+    async def dies_after_eight(url: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        calls.append(body["input"])
+        if len(calls) > 8:
+            raise asyncio.CancelledError  # the worker is gone
+        return await _echo(url, body)
+
+    monkeypatch.setattr(batches, "call_line", dies_after_eight)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(batch_job.run_batch_job({"id": "job-1"}, spec, settings))
+    committed = JobStore(tmp_path).batch("batch_rpjob1")["next_line"]
+    assert 4 <= committed <= 8
+    calls.clear()
+    monkeypatch.setattr(batches, "call_line", _echo)
+    output = asyncio.run(batch_job.run_batch_job({"id": "job-1"}, spec, settings))  # RunPod's retry: same id
+    assert output["status"] == "completed" and output["request_counts"]["completed"] == 20
+    assert JobStore(tmp_path).batch("batch_rpjob1")["runs"][-1]["from_line"] == committed
+    assert [json.loads(x)["custom_id"] for x in _Files.files["/out.jsonl"].splitlines()] == [f"r{i}" for i in range(20)]

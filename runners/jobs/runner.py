@@ -98,7 +98,14 @@ class BatchRunner:
         for left, batch_id in enumerate(unfinished):
             metrics.BATCHES_UNFINISHED.set(len(unfinished) - left)
             self.lease.heartbeat(batch_id)
-            await self.run_batch(batch_id)
+            try:
+                await self.run_batch(batch_id)
+            except (asyncio.CancelledError, OSError):
+                raise  # shutting down, or DATA_DIR unwritable: the batch resumes later
+            except Exception as exc:  # noqa: BLE001 - one broken batch must not hold up the others
+                log.exception("batch %s failed", batch_id)
+                self._give_up(batch_id, f"the server failed on this batch ({type(exc).__name__}); the log has the "
+                                        "traceback: the lines committed before are in its output files")
         metrics.BATCHES_UNFINISHED.set(0)
         metrics.BATCH_LINES_LEFT.set(0)
 
@@ -164,7 +171,11 @@ class BatchRunner:
     async def _lines(self, state: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
         batch_id = state["id"]
         folder = self.store.batch_dir(batch_id)
-        meta = self.store.file(state["input_file_id"])
+        try:
+            meta = self.store.file(state["input_file_id"])
+        except ServiceError as exc:
+            self._give_up(batch_id, f"its input file is gone: {exc.message}", "input_file_gone")
+            return self.store.batch(batch_id)
         state.setdefault("runs", []).append({"at": wire.now(), "from_line": state["next_line"], "pid": os.getpid()})
         try:
             outputs = Outputs(folder, state)
@@ -223,6 +234,16 @@ class BatchRunner:
         state.update(status=wire.FINALIZING, finalizing_at=wire.now())
         self.store.save_state(state)
         return state
+
+    def _give_up(self, batch_id: str, message: str, code: str = "internal_error") -> None:
+        try:
+            state = self.store.batch(batch_id)
+            if state["status"] not in wire.FINAL:
+                state["errors"] = {"object": "list", "data": [{"code": code, "line": None, "message": message,
+                                                              "param": None}]}
+                self._finish(state, wire.FAILED)
+        except Exception:  # noqa: BLE001 - it stays unfinished, and is tried again at the next start
+            log.exception("batch %s: its failure could not be recorded", batch_id)
 
     def _ending(self, state: dict[str, Any]) -> str | None:
         if self.store.cancel_requested(state["id"]) is not None:
