@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runners.capabilities.image_urls import Address, ImageFetcher, split_host_port
-from runners.errors import BadRequest, ServiceError
+from runners.errors import BadRequest, PayloadTooLarge, ServiceError
 from runners.jobs import wire
 from runners.jobs.runner import BatchRunner, new_batch_state
 from runners.jobs.store import JobStore
@@ -63,6 +63,10 @@ class BatchURLs(ImageFetcher):
         return BadRequest(f"{where}: {url[:120]} could not be reached: check that it answers 200 (GET) or 2xx (PUT) "
                           f"from a public address (or a host BATCH_URL_HOSTS names exactly) within "
                           f"{self.timeout_s:g}s", param=where, code="batch_url_failed")
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"the input file is over {wire.MAX_FILE_BYTES // (1024 * 1024)} MB, the limit of a "
+                               "batch input file: split it into several jobs", code="file_too_large")
 
     async def put(self, url: str, path: Path, where: str) -> None:
         """PUT the file's bytes to `url` (no redirects: a presigned URL answers where it is)."""
@@ -140,10 +144,8 @@ def report(job: dict[str, Any], batch: dict[str, Any]) -> None:
     progress_update(job, progress)
 
 
-async def run_batch_job(job: dict[str, Any], spec_input: Any, settings: Any) -> dict[str, Any]:
-    """Run a batch job to its end; the batch object with the URLs written, or an error (raised)."""
-    from runners.api import batches, routes
-
+def check_job(spec_input: Any, settings: Any) -> tuple[dict[str, str], BatchURLs]:
+    """The job's fields and URLs, checked before a model is started or anything is read."""
     spec = parse_spec(spec_input)
     if not settings.batch_urls:
         raise BadRequest("batch jobs read and write URLs, which this worker does not: set BATCH_URLS=allow and "
@@ -152,7 +154,15 @@ async def run_batch_job(job: dict[str, Any], spec_input: Any, settings: Any) -> 
     urls = BatchURLs(settings.batch_url_hosts)
     for key in ("input_url", "output_url", "error_url"):
         if spec[key]:
-            urls._check(spec[key], f"batch.{key}")  # refused before anything is read
+            urls._check(spec[key], f"batch.{key}")
+    return spec, urls
+
+
+async def run_batch_job(job: dict[str, Any], spec_input: Any, settings: Any) -> dict[str, Any]:
+    """Run a batch job to its end; the batch object with the URLs written, or an error (raised)."""
+    from runners.api import batches, routes
+
+    spec, urls = check_job(spec_input, settings)
     store = JobStore(data_dir(settings))
     store.prepare()
     runner = BatchRunner(store, batches.call_line)

@@ -254,9 +254,10 @@ async def handler(job: dict[str, Any]) -> Any:
 async def _batch(job: dict[str, Any], spec: Any) -> Any:
     """A batch job (runpod_adapter.batch_job): its lines go through the routes' own handlers."""
     from runners.api import context
-    from runpod_adapter.batch_job import run_batch_job
+    from runpod_adapter.batch_job import check_job, run_batch_job
 
     svc = get_service()
+    check_job(spec, svc.inference.settings)  # a job that cannot run fails before the models start
     await ensure_started(svc)
     context.bind(svc.inference)
     return await run_batch_job(job, spec, svc.inference.settings)
