@@ -564,3 +564,17 @@ def test_runpod_retry_resumes_from_the_last_commit(file_server: Any, tmp_path: P
     assert output["status"] == "completed" and output["request_counts"]["completed"] == 20
     assert JobStore(tmp_path).batch("batch_rpjob1")["runs"][-1]["from_line"] == committed
     assert [json.loads(x)["custom_id"] for x in _Files.files["/out.jsonl"].splitlines()] == [f"r{i}" for i in range(20)]
+
+
+def test_expired_files_are_gone(tmp_path: Path) -> None:
+    import io
+
+    store = JobStore(tmp_path)
+    meta = store.save_upload(io.BytesIO(jsonl(embed_lines(2))), "in.jsonl", "batch", 3600)
+    assert store.file(meta["id"])["requests"] == 2 and store.remove_expired() == 0
+    meta["expires_at"] = wire.now() - 1
+    (tmp_path / "files" / f"{meta['id']}.json").write_text(json.dumps(meta))
+    assert store.files() == []
+    with pytest.raises(Exception, match="may have expired"):
+        store.file(meta["id"])
+    assert store.remove_expired() == 1 and not (tmp_path / "files" / f"{meta['id']}.jsonl").exists()

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 
-from runners.errors import BadRequest, InternalError, ServiceError, Unavailable, from_validation_errors
+from runners.errors import BadRequest, InternalError, ModelNotFound, ServiceError, Unavailable, from_validation_errors
 from runners.jobs import wire
 from runners.jobs.runner import BatchRunner, new_batch_state
 from runners.jobs.store import JobStore
@@ -156,6 +156,9 @@ async def delete_file(request: Request) -> dict[str, Any]:
 
 async def file_content(request: Request) -> Response:
     meta = store().file(request.path_params["file_id"])
+    if not store().file_path(meta).is_file():
+        raise ModelNotFound(f"the content of file {meta['id']} is gone from DATA_DIR: run the batch again",
+                            code="not_found", param="file_id")
     return FileResponse(store().file_path(meta), media_type="application/octet-stream",
                         filename=meta["filename"], content_disposition_type="attachment")
 

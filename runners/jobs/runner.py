@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ CHUNK_LINES = 256  # lines per commit, at most
 CHUNK_ITEMS = 512  # texts (or documents) per commit, about
 IN_FLIGHT_CHUNKS = 2
 POLL_S = 2.0
+SWEEP_S = 3600.0  # expired files are removed this often (by the lease holder)
 RETRY_STATUSES = (429, 503, 504)  # the server is busy or starting: a batch line waits and tries again
 RETRY_DELAYS_S = (0.2, 0.5, 1, 2, 4, 8, 15, 30, 30, 30)
 
@@ -61,6 +63,7 @@ class BatchRunner:
         self.lease = RunnerLease(store.root)
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._swept = -SWEEP_S
 
     # ---- the loop of a serving worker ----
 
@@ -93,6 +96,9 @@ class BatchRunner:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def run_pending(self) -> None:
+        if time.monotonic() - self._swept > SWEEP_S:
+            self._swept = time.monotonic()
+            await asyncio.to_thread(self.store.remove_expired)
         states = await asyncio.to_thread(self.store.batches)
         unfinished = [s["id"] for s in states if s["status"] not in wire.FINAL]
         for left, batch_id in enumerate(unfinished):

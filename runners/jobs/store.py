@@ -163,6 +163,20 @@ class JobStore:
                     found.append(meta)
         return found
 
+    def remove_expired(self) -> int:
+        """Files past their `expires_at`, gone for good (they answer 404 from the moment they expire)."""
+        removed = 0
+        now = wire.now()
+        with contextlib.suppress(OSError):
+            for path in self.files_dir.glob("file-*.json"):
+                meta = read_json(path)
+                if meta is not None and meta.get("expires_at") and meta["expires_at"] <= now:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                        self.file_path(meta).unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
     def delete_file(self, file_id: str) -> None:
         meta = self.file(file_id)
         with contextlib.suppress(FileNotFoundError):
