@@ -398,6 +398,12 @@ def test_runner_statuses_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     rest = [json.loads(x) for x in (tmp_path / "batches" / late["id"] / "errors.jsonl").read_bytes().splitlines()]
     assert {e["custom_id"] for e in rest} >= {f"r{i}" for i in range(4, 10)}
     assert any(e["error"] and e["error"]["code"] == "batch_expired" for e in rest)
+    # failed: its lines name another route than its endpoint (errors.data[].line names each)
+    other = _stored_batch(store, lines, endpoint="/v1/embeddings")
+    mismatched = asyncio.run(runner.run_batch(other["id"]))
+    assert mismatched["status"] == "failed" and len(mismatched["errors"]["data"]) == 10
+    assert mismatched["errors"]["data"][0] == {"code": "mismatched_endpoint", "line": 1, "param": "url", "message": (
+        "line 1 is for /embed, not the batch's endpoint /v1/embeddings: a batch runs one endpoint; split the file")}
     # cancelled before it started
     early = _stored_batch(store, lines)
     store.request_cancel(early["id"])

@@ -155,7 +155,7 @@ class BatchRunner:
         except OSError as exc:
             found = wire.FileScan(errors=[wire.LineError(0, "file_unreadable", f"the input file cannot be read ({exc})")])
         errors = list(found.errors)
-        if not errors:
+        if not errors and found.urls - {state["endpoint"]}:  # which lines: a second pass
             number = 0
             with open(self.store.file_path(meta), "rb") as f:
                 for _, raw in wire.lines_of(f):
