@@ -100,6 +100,10 @@ async def upload_file(request: Request) -> dict[str, Any]:
         form = await request.form(max_files=1, max_fields=8)
     except ClientDisconnect:
         raise BadRequest("the upload ended before its end: send the whole file again", code="incomplete_upload") from None
+    except Exception as exc:  # noqa: BLE001 - a form the parser cannot read (no boundary, a malformed part)
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        raise BadRequest(f"the multipart/form-data body cannot be read ({detail}): send the file as a form with a "
+                         "boundary, fields file and purpose=batch", code="invalid_multipart") from None
     try:
         purpose = form.get("purpose")
         if purpose != wire.PURPOSE:

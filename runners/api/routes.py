@@ -10,6 +10,7 @@ pages `/` and `/docs` are the service's own (runners.api.pages), answered by Fro
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -155,13 +156,37 @@ def mounted_apps() -> dict[str, FastAPI]:
         # /docs, runners.api.pages).
         app = FastAPI(title=title, docs_url=None, redoc_url=None, **({"openapi_url": None} if tei_app else {}))
         _install_error_handlers(app, tei_app)
-        for route in ROUTES:
-            if mount_of(route.path) == prefix:
-                app.add_api_route(route.path[len(prefix):], _endpoint(route), methods=[route.method],
-                                  name=route.handle.__name__,
-                                  **({"response_class": PlainTextResponse} if route.plain_text else {}))
+        rows = [route for route in ROUTES if mount_of(route.path) == prefix]
+        for path in dict.fromkeys(route.path for route in rows):
+            # One framework route per path, whatever its methods: a 405 then names them all in `Allow`.
+            same = [route for route in rows if route.path == path]
+            endpoint = _endpoint(same[0]) if len(same) == 1 else _by_method(same)
+            app.add_api_route(path[len(prefix):], endpoint, methods=[route.method for route in same],
+                              name="_or_".join(route.handle.__name__ for route in same),
+                              **({"response_class": PlainTextResponse} if same[0].plain_text else {}))
         apps[prefix] = app
     return apps
+
+
+def _path_signature(path: str) -> inspect.Signature:
+    """`(request, <each path parameter>: str)`: FastAPI documents the path's parameters in OpenAPI."""
+    names = re.findall(r"{(\w+)}", path)
+    return inspect.Signature(
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str) for name in names],
+        return_annotation=Response)
+
+
+def _by_method(routes: list[Route]) -> Callable[..., Awaitable[Response]]:
+    """One endpoint for the routes of one path (none with a schema), each answering its method."""
+    assert all(route.schema is None for route in routes), "a path with several methods takes no schema body"
+    endpoints = {route.method: _endpoint(route) for route in routes}
+
+    async def endpoint(request: Request, **_: str) -> Response:
+        return await endpoints[request.method](request)
+
+    endpoint.__signature__ = _path_signature(routes[0].path)  # type: ignore[attr-defined]
+    return endpoint
 
 
 def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
@@ -177,7 +202,7 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
             return_annotation=Response)
         return endpoint
 
-    async def raw_endpoint(request: Request) -> Response:
+    async def raw_endpoint(request: Request, **_: str) -> Response:  # path parameters: request.path_params
         async def call() -> Any:
             if route.raw:
                 return await route.handle(request)
@@ -187,6 +212,7 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
 
         return await answer(call, tei_dialect)
 
+    raw_endpoint.__signature__ = _path_signature(route.path)  # type: ignore[attr-defined]
     return raw_endpoint
 
 
