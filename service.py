@@ -18,7 +18,7 @@ import os
 import bentoml
 
 from runners import metrics, workers
-from runners.api import context, routes
+from runners.api import batches, context, routes
 from runners.api.front_door import FrontDoor
 from runners.api.process import prepare_process
 from runners.engine.health import HEALTH
@@ -62,6 +62,8 @@ class EmbeddingService:
 
         self.inference = InferenceService(SETTINGS)
         context.bind(self.inference)
+        # Batch files and state in DATA_DIR (any worker answers); the runner starts once the models serve.
+        self.batch_runner = batches.open_store(SETTINGS, routes.line_routes())
         # A model the watchdog cannot bring back: health says 503, then the whole server exits.
         self.inference.registry.on_fatal = self._cannot_serve
 
@@ -87,10 +89,12 @@ class EmbeddingService:
             stop_server(f"startup failed: {exc}")
             raise
         workers.mark_ready()
+        self.batch_runner.start()  # the worker holding DATA_DIR's lease runs the batches
 
     @bentoml.on_shutdown
     async def stop_engines(self) -> None:
         workers.mark_ready(False)
+        await self.batch_runner.stop()  # before the engines: its lines would fail, not wait
         await self.inference.stop()
 
     def __is_ready__(self) -> bool:

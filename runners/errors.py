@@ -115,6 +115,14 @@ class OutOfMemory(ServiceError):
     code = "out_of_memory"
 
 
+class StorageFull(ServiceError):
+    """DATA_DIR has no room (or cannot be written): what was committed before stays."""
+
+    status = 507
+    type = "server_error"
+    code = "data_dir_full"
+
+
 class InternalError(ServiceError):
     status = 500
     type = "server_error"

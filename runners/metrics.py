@@ -83,6 +83,23 @@ CACHE_ENTRIES = Gauge("embed_rerank_cache_entries", "Results held by the cache o
                       multiprocess_mode="livesum", registry=REGISTRY)
 
 
+# Bulk jobs (runners.jobs): lines answered, and what the runner has left.
+BATCH_LINES = Counter("embed_rerank_batch_lines", "Batch lines committed, by outcome (completed, failed)",
+                      ("outcome",), registry=REGISTRY)
+BATCHES_UNFINISHED = Gauge("embed_rerank_batches_unfinished", "Batches the runner has yet to finish (DATA_DIR)",
+                           multiprocess_mode="livesum", registry=REGISTRY)
+BATCH_LINES_LEFT = Gauge("embed_rerank_batch_lines_left", "Lines of the running batch not yet committed",
+                         multiprocess_mode="livesum", registry=REGISTRY)
+BACKGROUND_QUEUE_DEPTH = Gauge("embed_rerank_background_queue_depth",
+                               "Items of batch lines queued or running in the engine (lowest priority)", ("model",),
+                               multiprocess_mode="livesum", registry=REGISTRY)
+
+
+@functools.cache
+def background_queue_depth(model: str) -> Any:
+    return BACKGROUND_QUEUE_DEPTH.labels(model)
+
+
 @functools.cache
 def queue_depth(model: str) -> Any:
     return QUEUE_DEPTH.labels(model)

@@ -104,6 +104,11 @@ class Settings:
     image_url_concurrency: int = 8
     workers: int = 0  # worker processes of `bentoml serve`; 0 = auto (runners.workers.worker_count)
     cache_mb: int = -1  # MiB of repeated inputs' results kept per worker; 0 = off, -1 = auto (device_default_cache_mb)
+    # Bulk jobs (runners.jobs, docs/api.md#batch-api): files and batch state live in DATA_DIR; the RunPod
+    # batch job's URLs follow the image URLs' rules, off unless BATCH_URLS=allow names their hosts.
+    data_dir: Path = field(default_factory=lambda: Path.home() / ".local" / "share" / "embed-rerank")
+    batch_urls: bool = False
+    batch_url_hosts: tuple[str, ...] = ()
 
     @property
     def all_local(self) -> bool:
@@ -176,7 +181,7 @@ IMAGE_URL_MODES = ("deny", "allow")
 _HOST_PATTERN = re.compile(r"^(\*|(\*\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)$")
 
 
-def parse_image_url_hosts(value: str) -> tuple[str, ...]:
+def parse_image_url_hosts(value: str, setting: str = "IMAGE_URL_HOSTS") -> tuple[str, ...]:
     """IMAGE_URL_HOSTS: host names (`images.example.com`), subdomain patterns (`*.example.com`), IP
     addresses, or `*` (any host whose address is public), each with `:port` where images come from
     another port than 80 and 443 (`images.example.com:8080`, `[2001:db8::1]:8443`), separated by
@@ -188,31 +193,31 @@ def parse_image_url_hosts(value: str) -> tuple[str, ...]:
             continue
         port = ""
         if "/" in host:
-            raise _not_a_host(raw)
+            raise _not_a_host(raw, setting)
         if host.startswith("["):
             host, _, port = host[1:].partition("]")
             if port and not port.startswith(":"):
-                raise _not_a_host(raw)
+                raise _not_a_host(raw, setting)
             port = port[1:]
         elif host.count(":") == 1:
             host, port = host.split(":")
             host = host.rstrip(".")
         if port and (not port.isdigit() or not 0 < int(port) < 65536):
-            raise SettingsError(f"IMAGE_URL_HOSTS has {raw.strip()!r}, whose port is not a number from 1 to 65535: "
+            raise SettingsError(f"{setting} has {raw.strip()!r}, whose port is not a number from 1 to 65535: "
                                 "write host:port, e.g. images.example.com:8080")
         try:
             address = ipaddress.ip_address(host)
             host = f"[{address}]" if port and address.version == 6 else str(address)
         except ValueError:
             if "://" in host or "/" in host or ":" in host or not _HOST_PATTERN.match(host):
-                raise _not_a_host(raw) from None
+                raise _not_a_host(raw, setting) from None
         hosts.append(f"{host}:{int(port)}" if port else host)
     return tuple(dict.fromkeys(hosts))
 
 
-def _not_a_host(raw: str) -> SettingsError:
+def _not_a_host(raw: str, setting: str) -> SettingsError:
     return SettingsError(
-        f"IMAGE_URL_HOSTS has {raw.strip()!r}, which is not a host: give host names without scheme or path "
+        f"{setting} has {raw.strip()!r}, which is not a host: give host names without scheme or path "
         "(images.example.com, or images.example.com:8080 for a port other than 80 and 443), *.example.com for its "
         "subdomains, IP addresses, or * for any public host"
     )
@@ -239,6 +244,30 @@ def _auto_or_int(env: Mapping[str, str], name: str, auto: int, minimum: int, exa
     if value < minimum:
         raise SettingsError(f"{name}={raw!r} is not valid: use auto or a whole number >= {minimum}, e.g. {example}")
     return value
+
+
+def _batch_urls(env: Mapping[str, str]) -> tuple[bool, tuple[str, ...]]:
+    """BATCH_URLS / BATCH_URL_HOSTS: the RunPod batch job's input and output URLs, as IMAGE_URLS /
+    IMAGE_URL_HOSTS do for images; a host listed by its exact name or address may be private."""
+    allow = _choice("BATCH_URLS", env.get("BATCH_URLS", "deny") or "deny", IMAGE_URL_MODES) == "allow"
+    hosts = parse_image_url_hosts(env.get("BATCH_URL_HOSTS", ""), "BATCH_URL_HOSTS")
+    if allow and not hosts:
+        raise SettingsError(
+            "BATCH_URLS=allow needs BATCH_URL_HOSTS, the hosts batch files may be read from and written to: e.g. "
+            "BATCH_URL_HOSTS='my-bucket.s3.amazonaws.com' (or * for any host with a public address)"
+        )
+    return allow, hosts
+
+
+def _data_dir(env: Mapping[str, str]) -> Path:
+    raw = env.get("DATA_DIR", "").strip()
+    if not raw:
+        return Path.home() / ".local" / "share" / "embed-rerank"
+    path = Path(raw).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"DATA_DIR={raw!r} is not a folder: give a folder (a volume in production) for "
+                            "batch files and job state")
+    return path
 
 
 def parse_allocator(value: str) -> str:
@@ -349,6 +378,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         seen[spec.served_name] = spec.name_or_path
 
     image_urls, image_url_hosts = _image_urls(env)
+    batch_urls, batch_url_hosts = _batch_urls(env)
     keys = tuple(k for k in (p.strip() for p in env.get("API_KEY", "").replace(",", ";").split(";")) if k)
     cache = env.get("ONNX_CACHE_DIR", "").strip()
     return Settings(
@@ -388,6 +418,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         image_url_concurrency=_int(env, "IMAGE_URL_CONCURRENCY", 8),
         workers=_auto_or_int(env, "WORKERS", 0, 1, "2"),
         cache_mb=_auto_or_int(env, "CACHE_MB", -1, 0, "256 (0 turns the cache off)"),
+        data_dir=_data_dir(env),
+        batch_urls=batch_urls,
+        batch_url_hosts=batch_url_hosts,
     )
 
 

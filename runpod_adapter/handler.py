@@ -13,6 +13,7 @@ and turns failures into FAILED jobs. The model stack is imported and the models 
 | `{openai_route: "/v1/rerank", openai_input}`  | `V1RerankRequest` -> `inference.rerank(.., "v1")` |
 | `{query, docs or documents, ...}`             | `RerankRequest` -> `inference.rerank(.., "native")` |
 | `{input, ...}`                                | `EmbeddingRequest` -> `inference.embed`      |
+| `{batch: {input_url, output_url, endpoint}}`  | `runpod_adapter.batch_job` (the Batch API's runner) |
 
 Output of the OpenAI routes (`RUNPOD_OPENAI_OUTPUT`): RunPod's OpenAI proxy
 (`https://api.runpod.ai/v2/<id>/openai/v1/...`) turns a request into an `openai_route` job and
@@ -49,7 +50,8 @@ OPENAI_ROUTES = ("/v1/models", "/v1/embeddings", "/v1/rerank")
 OPENAI_OUTPUT_MODES = ("auto", "list", "object")
 JOB_SHAPES = (
     "{input, model?, ...} to embed, {query, docs, model?, return_docs?, top_n?} to rerank, or "
-    "{openai_route: " + " | ".join(OPENAI_ROUTES) + ", openai_input: {...}}"
+    "{openai_route: " + " | ".join(OPENAI_ROUTES) + ", openai_input: {...}}, or "
+    "{batch: {input_url, output_url, error_url?, endpoint}}"
 )
 
 _service: Any = None
@@ -224,7 +226,10 @@ def job_error(err: ServiceError) -> dict[str, Any]:
 async def handler(job: dict[str, Any]) -> Any:
     """`runpod.serverless.start` handler: one job in, the route's JSON or `{"error": ...}` out."""
     try:
-        call = parse_job(job.get("input") if isinstance(job, dict) else None)
+        job_input = job.get("input") if isinstance(job, dict) else None
+        if isinstance(job_input, dict) and "batch" in job_input:
+            return await _batch(job, job_input["batch"])
+        call = parse_job(job_input)
         svc = get_service()
         await ensure_started(svc)
         return await call(svc)
@@ -244,6 +249,18 @@ async def handler(job: dict[str, Any]) -> Any:
     except Exception:
         log.exception("job %s failed", _job_id(job))
         return job_error(InternalError("the worker failed on this job; the worker log has the traceback"))
+
+
+async def _batch(job: dict[str, Any], spec: Any) -> Any:
+    """A batch job (runpod_adapter.batch_job): its lines go through the routes' own handlers."""
+    from runners.api import context
+    from runpod_adapter.batch_job import check_job, run_batch_job
+
+    svc = get_service()
+    check_job(spec, svc.inference.settings)  # a job that cannot run fails before the models start
+    await ensure_started(svc)
+    context.bind(svc.inference)
+    return await run_batch_job(job, spec, svc.inference.settings)
 
 
 def _job_id(job: Any) -> str:

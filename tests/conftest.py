@@ -21,7 +21,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     servers: list[ServerProcess] = []
 
     def start(extra_env: dict[str, str] | None = None, wait: bool = True) -> ServerProcess:
-        server = ServerProcess.bentoml(tmp_path_factory.mktemp("server") / "server.log", env=hermetic_env(extra_env))
+        # Each server its own DATA_DIR (batches): none resumes another test's batches, none writes to $HOME.
+        env = hermetic_env({"DATA_DIR": str(tmp_path_factory.mktemp("data")), **(extra_env or {})})
+        server = ServerProcess.bentoml(tmp_path_factory.mktemp("server") / "server.log", env=env)
         servers.append(server)
         if wait:
             server.wait_ready()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from runners.engine.batching import (
+    BACKGROUND,
     DEFAULT_COST,
     NEAR_UNIFORM,
     CostModel,
@@ -128,6 +129,19 @@ def test_small_requests_go_first_and_bulk_requests_take_turns():
         batch, turn = take_batch([bulk_a, bulk_b], 8, 4096, turn, CPU, tick)
         # Items in turns from both: neither bulk request waits for the other to finish.
         assert len(batch) == 8 and {id(i.request) for i in batch} == {id(bulk_a), id(bulk_b)}
+
+
+def test_background_work_runs_only_when_nothing_else_is_ready():
+    job = request(0, [5] * 40, priority=BACKGROUND)  # a batch line: short texts, waiting longest
+    bulk = request(1, [20] * 40)
+    query = request(2, [30])
+    turn, tick = False, 0
+    while query.ready or bulk.ready:
+        tick += 1
+        batch, turn = take_batch([job, bulk, query], 8, 4096, turn, CPU, tick)
+        assert batch and all(i.request is not job for i in batch)
+    batch, _ = take_batch([job, bulk, query], 8, 4096, turn, CPU, tick + 1)
+    assert len(batch) == 8 and {i.request for i in batch} == {job}  # alone, it gets full batches
 
 
 def test_the_request_served_longest_ago_leads_the_next_batch():

@@ -126,12 +126,13 @@ def _round_trip(doc: dict) -> None:
 
     api = client.ApiClient()
     kinds = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
-             ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler"}
+             ("autoscaling/v2", "HorizontalPodAutoscaler"): "V2HorizontalPodAutoscaler",
+             ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim"}
     model = api._ApiClient__deserialize(doc, kinds[(doc["apiVersion"], doc["kind"])])
     assert api.sanitize_for_serialization(model) == doc
 
 
-@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "hpa.yaml"])
+@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "hpa.yaml", "data.yaml"])
 def test_kubernetes_manifests_validate(name):
     for doc in yaml.safe_load_all((ROOT / "deploy/kubernetes" / name).read_text()):
         _round_trip(doc)
@@ -148,6 +149,11 @@ def test_manifests_agree_with_each_other_and_the_service():
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
     assert metric in (ROOT / "runners/metrics.py").read_text()
+    claim = yaml.safe_load((ROOT / "deploy/kubernetes/data.yaml").read_text())["metadata"]["name"]
+    volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    data_dir = next(e["value"] for e in container["env"] if e["name"] == "DATA_DIR")
+    assert any(volumes[name] == claim and path == data_dir for name, path in mounts.items())
 
 
 def test_runpod_dockerfile_copies_everything_pip_install_needs():

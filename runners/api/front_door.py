@@ -31,6 +31,7 @@ from runners.api.responses import (
 )
 from runners.engine.health import HEALTH
 from runners.errors import BadRequest, PayloadTooLarge
+from runners.jobs.wire import MAX_FILE_BYTES, UPLOAD_BODY_BYTES, UPLOAD_PATH
 from runners.vocabulary import TEI_PREFIX
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
@@ -38,6 +39,11 @@ _BODY_METHODS = ("POST", "PUT", "PATCH")
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _file_too_large() -> PayloadTooLarge:
+    return PayloadTooLarge(f"the upload is over {MAX_FILE_BYTES // (1024 * 1024)} MB, the limit of a batch input "
+                           "file: split it into several files and batches", code="file_too_large", param="file")
 
 
 class FastRoute(Protocol):
@@ -137,7 +143,9 @@ class FrontDoor:
     - `/livez` and `/readyz` answer 503 with the reason once a model is out of service (the
       process exits soon after; BentoML's own `/livez` would say 200);
     - `API_KEY`: a Bearer token from it is needed on every route but health (and metrics);
-    - bodies over MAX_BODY_BYTES get a 413, by Content-Length or while they stream in;
+    - bodies over MAX_BODY_BYTES get a 413, by Content-Length or while they stream in; a batch file
+      upload (`POST /v1/files`, multipart) has the batch file limit instead, and streams through to
+      the route, which spools it to disk (runners.api.batches), never whole in memory;
     - a request id (taken from `X-Request-ID` or made here, returned in that header) and one access
       log line per request (JSON when LOG_FORMAT=json);
     - error bodies that BentoML, Starlette or FastAPI answer by themselves (schema validation,
@@ -213,6 +221,14 @@ class FrontDoor:
                 await send_error(send, unauthorized(), [id_header], tei)
                 return
             length = headers.get(b"content-length")
+            upload = scope["method"] == "POST" and path == UPLOAD_PATH and _multipart_content(headers)
+            if upload:
+                if length is not None and length.isdigit() and int(length) > UPLOAD_BODY_BYTES:
+                    status = 413
+                    await send_error(send, _file_too_large(), [id_header])
+                    return
+                status = await self._forward(scope, receive, send, id_header, limit=UPLOAD_BODY_BYTES)
+                return
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
                 status = 413
                 await send_error(send, PayloadTooLarge(
@@ -238,7 +254,7 @@ class FrontDoor:
             )
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, id_header: tuple[bytes, bytes],
-                       tei: bool = False) -> int:
+                       tei: bool = False, limit: int | None = None) -> int:
         """Run the app; pass successes through, put error bodies that are not envelopes (TEI's error body
         under `/tei`) into one."""
         status = 500
@@ -260,21 +276,25 @@ class FrontDoor:
             await send_error(send, envelope_for(status, body), [*allow, id_header], tei)
 
         try:
-            await self.app(scope, self._limited(receive), _catch_errors(send, envelope, success))
+            await self.app(scope, self._limited(receive, limit), _catch_errors(send, envelope, success))
         except _BodyTooLarge:
+            if limit is not None:
+                await send_error(send, _file_too_large(), [id_header])
+                return 413
             status = await self._too_large(send, id_header, tei)
         return status
 
-    def _limited(self, receive: Receive) -> Receive:
-        """`receive` that raises _BodyTooLarge once the body streamed in is over MAX_BODY_BYTES."""
+    def _limited(self, receive: Receive, limit: int | None = None) -> Receive:
+        """`receive` that raises _BodyTooLarge once the body streamed in is over `limit` (MAX_BODY_BYTES)."""
         received = 0
+        most = self.max_body_bytes if limit is None else limit
 
         async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > most:
                     raise _BodyTooLarge()
             return message
 

@@ -10,17 +10,19 @@ pages `/` and `/docs` are the service's own (runners.api.pages), answered by Fro
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from runners.api import handlers, tei
+from runners.api import batches, handlers, tei
 from runners.api.responses import answer, client_status_error, error_response, is_tei, parse_json
 from runners.api.schemas import (
     ClassifyRequest,
@@ -53,6 +55,7 @@ class Route:
     schema: type[BaseModel] | None = None
     fast: bool = False  # FrontDoor answers a well-formed body itself
     plain_text: bool = False  # the answer is text (documented so in the OpenAPI document), not JSON
+    raw: bool = False  # the handler takes the request itself (path parameters, a multipart upload)
 
     @property
     def tei(self) -> bool:
@@ -69,6 +72,16 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/models", handlers.models),
     Route("POST", "/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
     Route("POST", "/v1/rerank", handlers.v1_rerank, V1RerankRequest, fast=True),
+    # OpenAI Batch API: files and batches in DATA_DIR (runners.api.batches, runners.jobs)
+    Route("POST", "/v1/files", batches.upload_file, raw=True),
+    Route("GET", "/v1/files", batches.list_files, raw=True),
+    Route("GET", "/v1/files/{file_id}", batches.get_file, raw=True),
+    Route("DELETE", "/v1/files/{file_id}", batches.delete_file, raw=True),
+    Route("GET", "/v1/files/{file_id}/content", batches.file_content, raw=True),
+    Route("POST", "/v1/batches", batches.create_batch),
+    Route("GET", "/v1/batches", batches.list_batches, raw=True),
+    Route("GET", "/v1/batches/{batch_id}", batches.get_batch, raw=True),
+    Route("POST", "/v1/batches/{batch_id}/cancel", batches.cancel_batch, raw=True),
     # Cohere v2
     Route("POST", "/v2/embed", handlers.v2_embed, CohereEmbedRequest, fast=True),
     Route("POST", "/v2/rerank", handlers.v2_rerank, V2RerankRequest, fast=True),
@@ -89,6 +102,26 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/tei/v1/embeddings", handlers.embed, EmbeddingRequest, fast=True),
 )
 
+def line_routes() -> dict[str, tuple[Callable[[Any], Any], Callable[[Any], Awaitable[Any]]]]:
+    """How each route a batch line may name (runners.jobs.wire.ENDPOINTS) validates a parsed body, and its
+    handler. Validation as the route's framework does it, so errors read the same: BentoML (the native
+    routes) validates the JSON text, FastAPI (the mounted ones) the parsed body."""
+    from runners.jobs.wire import ENDPOINTS
+
+    table = {route.path: route for route in ROUTES if route.method == "POST" and route.schema is not None}
+    rows = {}
+    for path in ENDPOINTS:
+        route = table[path]
+        schema: Any = route.schema
+        if mount_of(path) is None:
+            def validate(body: Any, schema: Any = schema) -> Any:
+                return schema.model_validate_json(orjson.dumps(body))
+        else:
+            validate = schema.model_validate
+        rows[path] = (validate, route.handle)
+    return rows
+
+
 # Prefixes served by a FastAPI app each (mounted by service.py); other paths are BentoML APIs.
 MOUNTS = {
     "/v1": "OpenAI, Jina and Cohere v1 compatible routes",
@@ -107,7 +140,7 @@ def fast_routes() -> dict[str, Route]:
 
 def untraced_paths() -> list[str]:
     """Paths OpenTelemetry's middleware skips (it halved a bare route's req/s): every model route."""
-    return [route.path for route in ROUTES if not route.tei] + [TEI_PREFIX]
+    return [route.path for route in ROUTES if not route.tei and not route.raw] + [TEI_PREFIX]
 
 
 # ---- the framework's routes, made from the table ----
@@ -123,13 +156,37 @@ def mounted_apps() -> dict[str, FastAPI]:
         # /docs, runners.api.pages).
         app = FastAPI(title=title, docs_url=None, redoc_url=None, **({"openapi_url": None} if tei_app else {}))
         _install_error_handlers(app, tei_app)
-        for route in ROUTES:
-            if mount_of(route.path) == prefix:
-                app.add_api_route(route.path[len(prefix):], _endpoint(route), methods=[route.method],
-                                  name=route.handle.__name__,
-                                  **({"response_class": PlainTextResponse} if route.plain_text else {}))
+        rows = [route for route in ROUTES if mount_of(route.path) == prefix]
+        for path in dict.fromkeys(route.path for route in rows):
+            # One framework route per path, whatever its methods: a 405 then names them all in `Allow`.
+            same = [route for route in rows if route.path == path]
+            endpoint = _endpoint(same[0]) if len(same) == 1 else _by_method(same)
+            app.add_api_route(path[len(prefix):], endpoint, methods=[route.method for route in same],
+                              name="_or_".join(route.handle.__name__ for route in same),
+                              **({"response_class": PlainTextResponse} if same[0].plain_text else {}))
         apps[prefix] = app
     return apps
+
+
+def _path_signature(path: str) -> inspect.Signature:
+    """`(request, <each path parameter>: str)`: FastAPI documents the path's parameters in OpenAPI."""
+    names = re.findall(r"{(\w+)}", path)
+    return inspect.Signature(
+        [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=str) for name in names],
+        return_annotation=Response)
+
+
+def _by_method(routes: list[Route]) -> Callable[..., Awaitable[Response]]:
+    """One endpoint for the routes of one path (none with a schema), each answering its method."""
+    assert all(route.schema is None for route in routes), "a path with several methods takes no schema body"
+    endpoints = {route.method: _endpoint(route) for route in routes}
+
+    async def endpoint(request: Request, **_: str) -> Response:
+        return await endpoints[request.method](request)
+
+    endpoint.__signature__ = _path_signature(routes[0].path)  # type: ignore[attr-defined]
+    return endpoint
 
 
 def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
@@ -145,14 +202,17 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
             return_annotation=Response)
         return endpoint
 
-    async def raw_endpoint(request: Request) -> Response:
+    async def raw_endpoint(request: Request, **_: str) -> Response:  # path parameters: request.path_params
         async def call() -> Any:
+            if route.raw:
+                return await route.handle(request)
             if route.method == "GET":
                 return await route.handle(dict(request.query_params))
             return await route.handle(parse_json(await request.body()))
 
         return await answer(call, tei_dialect)
 
+    raw_endpoint.__signature__ = _path_signature(route.path)  # type: ignore[attr-defined]
     return raw_endpoint
 
 

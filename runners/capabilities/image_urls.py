@@ -176,7 +176,13 @@ class Lookups:
 class ImageFetcher:
     """Fetches image URLs under the rules of the module docstring. `address_allowed` is the address
     rule and `lookups` the resolver (tests pass others to reach a server on 127.0.0.1 or to hang a
-    lookup; no setting changes them)."""
+    lookup; no setting changes them). The class attributes name the setting and the advice in its
+    errors: the RunPod batch job's URLs (BATCH_URL_HOSTS) go through a subclass."""
+
+    hosts_setting = "IMAGE_URL_HOSTS"
+    code_word = "image_url"  # error codes: invalid_<word>, <word>_host_not_allowed
+    instead = "send the image as a data URI"
+    accept = "image/png, image/jpeg, image/webp, image/gif"
 
     def __init__(self, hosts: tuple[str, ...], timeout_s: float, max_bytes: int, concurrency: int,
                  address_allowed: Callable[[Address], bool] = public_address, lookups: Lookups | None = None) -> None:
@@ -231,24 +237,24 @@ class ImageFetcher:
             host = host.encode("idna").decode("ascii") if not host.isascii() else host
         except (ValueError, UnicodeError):
             raise BadRequest(f"{where} is not a valid URL: send http(s)://host/path", param=where,
-                             code="invalid_image_url") from None
+                             code=f"invalid_{self.code_word}") from None
         scheme = parts.scheme.lower()
         if scheme not in ("http", "https"):
             raise BadRequest(f"{where}: only http and https URLs are fetched, not {scheme}:", param=where,
-                             code="invalid_image_url")
+                             code=f"invalid_{self.code_word}")
         if parts.username is not None or parts.password is not None:
-            raise BadRequest(f"{where}: URLs with user:password@ are not fetched", param=where, code="invalid_image_url")
+            raise BadRequest(f"{where}: URLs with user:password@ are not fetched", param=where, code=f"invalid_{self.code_word}")
         if not host:
-            raise BadRequest(f"{where} is a URL without a host", param=where, code="invalid_image_url")
+            raise BadRequest(f"{where} is a URL without a host", param=where, code=f"invalid_{self.code_word}")
         port = port or (443 if scheme == "https" else 80)
         if not host_allowed(host, self.hosts, port):
             if port not in DEFAULT_PORTS and any(_host_matches(host, split_host_port(p)[0]) for p in self.hosts):
                 listed = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 raise BadRequest(f"{where}: port {port} is not fetched from {host!r}: only 80 and 443 are, unless "
-                                 f"IMAGE_URL_HOSTS lists {listed!r}; send the image as a data URI, or ask the operator",
-                                 param=where, code="image_url_host_not_allowed")
-            raise BadRequest(f"{where}: the host {host!r} is not in IMAGE_URL_HOSTS: send the image as a data URI, or "
-                             "ask the operator to add the host", param=where, code="image_url_host_not_allowed")
+                                 f"{self.hosts_setting} lists {listed!r}; {self.instead}, or ask the operator",
+                                 param=where, code=f"{self.code_word}_host_not_allowed")
+            raise BadRequest(f"{where}: the host {host!r} is not in {self.hosts_setting}: {self.instead}, or "
+                             "ask the operator to add the host", param=where, code=f"{self.code_word}_host_not_allowed")
         return scheme, host, port
 
     async def _resolve(self, host: str, port: int) -> Address:
@@ -286,7 +292,7 @@ class ImageFetcher:
                 pinned = parts._replace(scheme=scheme, netloc=f"{literal}:{port}").geturl()
                 default_port = port == (443 if scheme == "https" else 80)
                 headers = {"Host": host if default_port else f"{host}:{port}", "User-Agent": USER_AGENT,
-                           "Accept": "image/png, image/jpeg, image/webp, image/gif", "Accept-Encoding": "identity"}
+                           "Accept": self.accept, "Accept-Encoding": "identity"}
                 extensions = {"sni_hostname": host} if scheme == "https" else {}
                 try:
                     async with client.stream("GET", pinned, headers=headers, extensions=extensions) as response:

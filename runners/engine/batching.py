@@ -7,6 +7,9 @@ wait, batches alternate: a small requests' batch takes no bulk item longer than 
 first item (a query does not pay for a batch of long texts), then a bulk batch takes bulk items
 only (a stream of queries never starves a bulk request, and a query waits for at most that one
 batch). The first item of the pool (the oldest request of the turn) always rides in the batch.
+Background requests (the lines of a bulk job, runners.jobs) are the lowest priority: they are taken
+only when no other request has a ready item, so a query waits at most for the background batch
+already in the forward pass, and an otherwise idle device runs background batches back to back.
 
 Then length (`plan`): the pool is sorted by token length and cut into the batches that finish it
 soonest by the device's cost model (`CostModel`: a fixed cost per forward pass plus a cost per
@@ -19,18 +22,39 @@ uniform lengths still make one full batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 SMALL_REQUEST_ITEMS = 8  # requests with at most this many items go first in every round
+BACKGROUND = 2  # the priority of background requests: below small (0) and bulk (1)
+
+# Set (with `background_work`) by the code that runs bulk jobs: every model request made in that context,
+# the tasks it starts included, enters the scheduler at the BACKGROUND priority.
+_BACKGROUND_WORK: contextvars.ContextVar[bool] = contextvars.ContextVar("background_work", default=False)
+
+
+@contextlib.contextmanager
+def background_work() -> Iterator[None]:
+    """Within it (and in the tasks started within it), model requests are background work."""
+    token = _BACKGROUND_WORK.set(True)
+    try:
+        yield
+    finally:
+        _BACKGROUND_WORK.reset(token)
+
+
+def is_background() -> bool:
+    return _BACKGROUND_WORK.get()
 
 
 @dataclass(eq=False)
 class QueuedRequest:
     seq: int
-    priority: int  # 0: small (at most SMALL_REQUEST_ITEMS items), 1: bulk
+    priority: int  # 0: small (at most SMALL_REQUEST_ITEMS items), 1: bulk, 2: background (BACKGROUND)
     inputs: Sequence[Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -54,6 +78,8 @@ class Item:
 
 
 def priority_of(inputs: Sequence[Any]) -> int:
+    if _BACKGROUND_WORK.get():
+        return BACKGROUND
     return 0 if len(inputs) <= SMALL_REQUEST_ITEMS else 1
 
 
@@ -131,6 +157,8 @@ def take_batch(requests: Sequence[QueuedRequest], max_items: int, budget: int, b
     live = sorted((r for r in requests if r.ready), key=lambda r: (r.priority, r.served, r.seq))
     if not live:
         return [], bulk_turn
+    if live[0].priority < BACKGROUND:
+        live = [r for r in live if r.priority < BACKGROUND]  # background waits for everything else
     cap = None
     candidates = live
     if live[0].priority == 0 and live[-1].priority > 0:

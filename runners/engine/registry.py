@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from runners import metrics
+from runners.engine.batching import is_background
 from runners.engine.cache import ResultCache, cacheable
 from runners.engine.devices import (
     cache_bytes,
@@ -257,7 +258,7 @@ class EngineRegistry:
                 headers={"Retry-After": "1"},
             )
         model.in_flight += items
-        depth = metrics.queue_depth(model.name)
+        depth = metrics.background_queue_depth(model.name) if is_background() else metrics.queue_depth(model.name)
         depth.inc(items)
         started = time.perf_counter()
         scheduler = model.scheduler_for(capability)

@@ -9,6 +9,8 @@ pass, `encode_post` post-processes); this module replaces Infinity's batch handl
   turns, small requests first, within the batch size and the padded-token budget), re-pads them
   (runners.engine.codec) and runs the replica.
 - Hand-offs are a queue and a condition variable: nothing sleeps on a timer.
+- Background requests (bulk jobs) run only when nothing else is ready, in smaller passes while
+  interactive requests have come recently (INTERACTIVE_RECENT_S).
 - A batch that raises fails only the request that raises: the batch is bisected by request until
   the failing one is alone. Out of memory splits the batch in halves down to one item, and the
   token budget shrinks below the size that failed (runners.engine.memory).
@@ -29,7 +31,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from runners import metrics
-from runners.engine.batching import DEFAULT_COST, CostModel, Item, QueuedRequest, padded_tokens, priority_of, take_batch
+from runners.engine.batching import (
+    BACKGROUND,
+    DEFAULT_COST,
+    CostModel,
+    Item,
+    QueuedRequest,
+    padded_tokens,
+    priority_of,
+    take_batch,
+)
 from runners.engine.calibration import CostSamples, fitted, timed_passes
 from runners.engine.codec import FeatureCodec
 from runners.engine.devices import process_torch_threads
@@ -39,6 +50,10 @@ from runners.errors import ModelError, OutOfMemory, ServiceError, Unavailable
 
 INLINE_ITEMS = 64  # an inline replica's request up to this many texts is answered on the event loop itself
 log = logging.getLogger("embed_rerank.scheduler")
+# Background work (bulk jobs) within this many seconds of an interactive request runs in passes of a
+# BACKGROUND_SHARE of the token budget: a query waits for a quarter of a full pass, not a whole one.
+INTERACTIVE_RECENT_S = 10.0
+BACKGROUND_SHARE = 4
 
 
 
@@ -92,6 +107,7 @@ class ModelScheduler(TokenizerStage):
         self._tokenizer_busy = False
         self._tokenizer_lock = threading.Lock()  # one encode_pre at a time: HF tokenizers are not thread-safe
         self._bulk_turn = False
+        self._last_interactive = -INTERACTIVE_RECENT_S  # when the last request that is not background came
         self._tick = 0  # batches formed so far (the policy's fairness clock)
         self._seq = itertools.count()
         self._stopping = False
@@ -230,8 +246,11 @@ class ModelScheduler(TokenizerStage):
         if getattr(self.replica, "inline", False):
             return await self._run_inline(inputs, lengths)
         loop = asyncio.get_running_loop()
+        priority = priority_of(inputs)
+        if priority != BACKGROUND:
+            self._last_interactive = time.monotonic()
         request = QueuedRequest(
-            seq=next(self._seq), priority=priority_of(inputs), inputs=inputs, loop=loop,
+            seq=next(self._seq), priority=priority, inputs=inputs, loop=loop,
             future=loop.create_future(), results=[None] * len(inputs), remaining=len(inputs), lengths=lengths,
         )
         if not self._tokenize_here(request):
@@ -278,7 +297,13 @@ class ModelScheduler(TokenizerStage):
             else:
                 request.active = False
         self._tick += 1
-        batch, self._bulk_turn = take_batch(live, self.max_batch_size, self.budget.current, self._bulk_turn,
+        budget = self.budget.current
+        if (live and all(r.priority == BACKGROUND for r in live)
+                and time.monotonic() - self._last_interactive < INTERACTIVE_RECENT_S):
+            # Background work while queries come and go: smaller passes, so a query that arrives during
+            # one waits less (a pass cannot be interrupted). Alone, background work gets full passes.
+            budget = max(1, budget // BACKGROUND_SHARE)
+        batch, self._bulk_turn = take_batch(live, self.max_batch_size, budget, self._bulk_turn,
                                             self.cost, self._tick)
         self._pending -= len(batch)
         self._pending_tokens -= sum(item.length for item in batch)
