@@ -182,17 +182,20 @@ def test_readyz_waits_for_every_worker(two_workers):
 
 def test_sigterm_drains_every_worker(two_workers):
     """Last in this module: it stops the server. Requests in flight on both workers are all answered."""
+    # Texts of their own per request: a worker's cache of repeated inputs would answer a repeat at once,
+    # and a request answered before it is seen queued proves nothing about the drain.
     texts = [f"sentence number {i} about load and shutdown, long enough to take a while" for i in range(48)]
     labels = {"model": MODEL}
 
-    def call() -> str:
+    def call(j: int) -> str:
         try:
-            return str(httpx.post(two_workers.url + "/embed", json={"input": texts}, timeout=60).status_code)
+            body = {"input": [f"request {j}: {t}" for t in texts]}
+            return str(httpx.post(two_workers.url + "/embed", json=body, timeout=60).status_code)
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
     with cf.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(call) for _ in range(8)]
+        futures = [pool.submit(call, j) for j in range(8)]
         deadline = time.monotonic() + 20
         busy: dict[int, float] = {}
         while time.monotonic() < deadline:  # until every request is in a worker and both workers have some
