@@ -10,6 +10,7 @@ temporary name, flushed to disk and renamed: a file named `part-NNNNN.parquet` i
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import sys
@@ -114,19 +115,24 @@ def _check_id(value: Any, kind: list[type], where: Callable[[], str], column: st
     return value
 
 
+def _done_rows(skip: Callable[[int], bool], shard_rows: int) -> Callable[[], bool]:
+    """Counts the input's rows as a reader meets them: True for a row of a shard that `skip` says is done
+    (the reader yields None for it without parsing it)."""
+    rows = itertools.count()
+    return lambda: skip(next(rows) // shard_rows)
+
+
 def _rows_jsonl(path: Path, text_column: str, id_column: str, skip: Callable[[int], bool],
                 shard_rows: int) -> Iterator[tuple[Any, Any, Callable[[], str]] | None]:
     """(id, text, where) per row; None for a row of a shard that `skip` says is done (not parsed: only counted)."""
-    row = 0
+    done = _done_rows(skip, shard_rows)
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            if skip(row // shard_rows):
-                row += 1
+            if done():
                 yield None
                 continue
-            row += 1
             where = partial("{} line {}".format, path, number)
             try:
                 record = json.loads(line)
@@ -159,16 +165,14 @@ def _rows_csv(path: Path, text_column: str, id_column: str, skip: Callable[[int]
                 raise CorpusError(f"{path}: the CSV header has no column {column!r} (its columns: "
                                   f"{', '.join(map(repr, header))}): name them with --text-column and --id-column")
         t, i = header.index(text_column), header.index(id_column)
-        row = 0
+        done = _done_rows(skip, shard_rows)
         try:
             for record in reader:
                 if not record:
                     continue
-                if skip(row // shard_rows):
-                    row += 1
+                if done():
                     yield None
                     continue
-                row += 1
                 where = partial("{} line {}".format, path, reader.line_num)
                 if len(record) != len(header):
                     raise CorpusError(f"{where()} has {len(record)} fields where the header has {len(header)}: "
@@ -194,15 +198,14 @@ def _rows_parquet(path: Path, text_column: str, id_column: str, skip: Callable[[
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise CorpusError(f"{path}: the text column {text_column!r} is {text_type}, not strings: "
                           "choose the text column with --text-column")
-    row = 0
+    done, row = _done_rows(skip, shard_rows), 0
     for batch in file.iter_batches(batch_size=min(shard_rows, 65536), columns=[id_column, text_column]):
         ids, texts = batch.column(0), batch.column(1)
         for k in range(batch.num_rows):
-            if skip(row // shard_rows):
-                row += 1
+            row += 1
+            if done():
                 yield None
                 continue
-            row += 1
             yield ids[k].as_py(), texts[k].as_py(), partial("{} row {}".format, path, row)
 
 
