@@ -21,6 +21,7 @@ from runners.api.openapi import openapi_with_envelopes
 from runners.api.responses import (
     HEALTH_PATHS,
     METRICS_PATHS,
+    PARSED_JSON,
     TEI_OPENAI_EMBEDDINGS,
     answer,
     envelope_for,
@@ -341,11 +342,13 @@ class FrontDoor:
         except BadRequest as exc:
             await send_error(send, exc, [id_header], tei)
             return exc.status
-        if route is None:
-            return await self._forward(scope, _replay(body, receive), send, id_header, tei)
-        try:
-            request = route.schema.model_validate(data)
-        except Exception:  # noqa: BLE001 - not the schema: the route answers, in its words
+        if route is not None:
+            try:
+                request = route.schema.model_validate(data)
+            except Exception:  # noqa: BLE001 - not the schema: the route answers, in its words
+                route = None
+        if route is None:  # the body goes on, and so does what it parsed to (for the routes that read it raw)
+            scope = dict(scope, state={**scope.get("state", {}), PARSED_JSON: data})
             return await self._forward(scope, _replay(body, receive), send, id_header, tei)
         response = await answer(lambda: route.handle(request), tei)
         response.raw_headers.append(id_header)

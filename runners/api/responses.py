@@ -149,6 +149,11 @@ def unauthorized() -> Unauthorized:
     return Unauthorized("missing or wrong API key: send the header 'Authorization: Bearer <key>' with a key from API_KEY")
 
 
+# Where FrontDoor leaves a body it parsed for the route below (scope["state"]), so that route need not
+# parse it again.
+PARSED_JSON = "embed_rerank.parsed_json"
+
+
 def parse_json(body: bytes) -> Any:
     """The one JSON parser of every route: UTF-8 only, at most 200 levels deep, no lone surrogates, no NaN;
     whatever it refuses is the same 400 whichever route the body was for. It is pydantic's (jiter), the

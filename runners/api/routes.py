@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from runners.api import batches, handlers, tei
-from runners.api.responses import answer, client_status_error, error_response, is_tei, parse_json
+from runners.api.responses import PARSED_JSON, answer, client_status_error, error_response, is_tei, parse_json
 from runners.api.schemas import (
     ClassifyRequest,
     CohereEmbedRequest,
@@ -208,7 +208,8 @@ def _endpoint(route: Route) -> Callable[..., Awaitable[Response]]:
                 return await route.handle(request)
             if route.method == "GET":
                 return await route.handle(dict(request.query_params))
-            return await route.handle(parse_json(await request.body()))
+            state = request.scope.get("state") or {}
+            return await route.handle(state[PARSED_JSON] if PARSED_JSON in state else parse_json(await request.body()))
 
         return await answer(call, tei_dialect)
 
