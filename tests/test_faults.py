@@ -435,15 +435,88 @@ def test_a_forward_thread_keeps_the_process_thread_count_after_another_thread_se
     seen: list[int] = []
     scheduler = ModelScheduler(minilm.scheduler.replica, name="pinned", max_batch_size=8, max_batch_tokens=4096,
                                probe=["a", "a b c d e f"], cpu_threads=minilm.scheduler.cpu_threads)
-    original = scheduler._forward
+    collate = scheduler.codec.collate
 
-    def spy(batch):
+    def spy(features):  # inside the pass, on the thread that runs it
         seen.append(torch.get_num_threads())
-        return original(batch)
+        return collate(features)
 
-    scheduler._forward = spy
+    scheduler.codec.collate = spy
     try:
         _run_all(scheduler, [["the tower of paris at night"]])
     finally:
         torch.set_num_threads(process_torch_threads())  # the next threads of this test process
     assert seen == [process_torch_threads()]
+
+
+def test_cpu_models_of_one_process_run_every_pass_on_one_thread(faulty_model, default_model_path):
+    """Two CPU torch models in one process share one pass thread (runners.engine.passes: libgomp
+    throttles every OpenMP worker once two teams outnumber the CPUs): every pass of both, calibration
+    included, runs on it, each with its own intra-op thread count; a pass that raises fails its request
+    alone and the thread serves on; a lone CPU model keeps its own forward thread."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    from runners.engine.calibration import probe_row
+    from runners.engine.devices import process_torch_threads
+    from runners.engine.loaded import load_model
+    from runners.engine.passes import share_cpu_passes
+    from runners.engine.scheduler import ModelScheduler
+    from runners.errors import ModelError
+    from runners.settings import load_settings
+
+    settings = load_settings({"MODEL_NAMES": default_model_path, "DEVICE": "cpu"})
+    minilm = load_model(settings.models[0], settings)
+    assert share_cpu_passes([minilm.scheduler]) is None and minilm.scheduler.passes is None
+    seen: dict[str, list[tuple[int, int]]] = {"tiny": [], "minilm": []}
+
+    def spied(name: str, replica):
+        def encode_core(features):
+            seen[name].append((threading.get_ident(), torch.get_num_threads()))
+            return replica.encode_core(features)
+
+        return type("Spy", (), {"encode_pre": staticmethod(replica.encode_pre), "encode_core": staticmethod(encode_core),
+                                "encode_post": staticmethod(replica.encode_post)})()
+
+    tiny = ModelScheduler(spied("tiny", faulty_model.scheduler.replica), name="tiny", max_batch_size=8,
+                          max_batch_tokens=4096, probe=["a", "a b c d e f"], single_thread_tokens=10_000,
+                          cpu_threads=process_torch_threads())
+    big = ModelScheduler(spied("minilm", minilm.scheduler.replica), name="minilm", max_batch_size=8,
+                         max_batch_tokens=4096, probe=["a", "a b c d e f"], cpu_threads=process_torch_threads())
+    gpu_like = ModelScheduler(faulty_model.scheduler.replica, name="gpu", max_batch_size=8, max_batch_tokens=4096,
+                              probe=["a", "a b c d e f"])
+    shared = share_cpu_passes([tiny, big, gpu_like])
+    assert shared is not None and tiny.passes is big.passes is shared and gpu_like.passes is None
+    row, length = probe_row(big.replica, big.codec, big.probe)
+    big.calibrate_when_idle(row, length, 256)
+    for scheduler in (tiny, big):
+        scheduler.start()
+
+    async def go() -> list:
+        calls = [tiny.run(["the cat sat"]), big.run(["the tower of paris at night"]), tiny.run(["boom goes the model"])]
+        calls += [big.run([f"text number {i} of a mixed stream"]) for i in range(6)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        results = asyncio.run(go())
+        deadline = time.monotonic() + 60
+        while big.calibrating and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not big.calibrating and {(n, w) for n, w, _ in big.timings.samples}
+        after = asyncio.run(tiny.run(["still served"]))
+    finally:
+        for scheduler in (tiny, big):
+            scheduler.stop()
+        torch.set_num_threads(process_torch_threads())
+    assert isinstance(results[2], ModelError) and "boom" in str(results[2])
+    assert not any(isinstance(r, BaseException) for i, r in enumerate(results) if i != 2), results
+    assert len(after[0][0]) == len(results[0][0][0])
+    alone = minilm.scheduler.replica
+    expected = alone.encode_post(alone.encode_core(alone.encode_pre(["the tower of paris at night"])))[0]
+    assert np.allclose(results[1][0][0], expected, atol=1e-5)
+    threads = {ident for calls in seen.values() for ident, _ in calls}
+    assert threads == {shared.ident}
+    assert all(n == 1 for _, n in seen["tiny"]) and all(n == process_torch_threads() for _, n in seen["minilm"])
+    assert len(seen["minilm"]) > 7  # the calibration passes ran there too

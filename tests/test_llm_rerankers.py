@@ -92,6 +92,9 @@ def test_the_qwen3_style_template_scores_as_the_built_in_qwen3_prompt(folders):
         inference = InferenceService(settings)
         await inference.start()
         try:
+            # two CPU torch models in one process: one pass thread for both (runners.engine.passes)
+            first, second = (m.scheduler for m in inference.registry.models)
+            assert first.passes is not None and first.passes is second.passes
             return [await _scores(inference, name, DOCS, instruction=task) for name in ("own", "builtin")
                     for task in (None, TASK)]
         finally:

@@ -39,10 +39,25 @@ def on_gpu(settings: Settings) -> bool:
     return torch.cuda.is_available()
 
 
-def torch_on_cpu(replica: Any, settings: Settings) -> bool:
+def torch_module(replica: Any) -> Any | None:
+    """The torch module a replica runs: itself, one of its attributes (a causal scorer's body, a
+    classifier's model) or one of theirs (a CLIP tower's encoder's model); None for ONNX Runtime,
+    CTranslate2's own engine or a static table."""
     import torch
 
-    return not on_gpu(settings) and isinstance(replica, torch.nn.Module)
+    if isinstance(replica, torch.nn.Module):
+        return replica
+    for value in vars(replica).values() if hasattr(replica, "__dict__") else ():
+        if isinstance(value, torch.nn.Module):
+            return value
+        for inner in vars(value).values() if hasattr(value, "__dict__") and not isinstance(value, type) else ():
+            if isinstance(inner, torch.nn.Module):
+                return inner
+    return None
+
+
+def torch_on_cpu(replica: Any, settings: Settings) -> bool:
+    return not on_gpu(settings) and torch_module(replica) is not None
 
 
 def default_batch_tokens(settings: Settings) -> int:
@@ -67,11 +82,12 @@ def single_thread_tokens(replica: Any, settings: Settings) -> int:
     same machine (4 interleaved rounds) took +2.1 ms with 2 threads always, +3.1 ms with one thread
     up to 18 tokens (the previous threshold) and +4.7 ms with one thread always.
     """
-    # Replicas that are not a torch module (ONNX with its own threads, wrappers) keep their threads.
-    if not torch_on_cpu(replica, settings):
+    # Replicas that run no torch module (ONNX Runtime with its own threads, a static table) keep theirs.
+    module = torch_module(replica) if not on_gpu(settings) else None
+    if module is None:
         return 0
     import torch
 
-    embedding = sum(p.numel() for m in replica.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
-    total = sum(p.numel() for p in replica.parameters())
+    embedding = sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    total = sum(p.numel() for p in module.parameters())
     return int(SINGLE_THREAD_WORK / max(total - embedding, 1))

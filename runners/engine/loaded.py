@@ -60,7 +60,8 @@ class LoadedModel(ModelCard):
     def __post_init__(self) -> None:
         if self.images is not None and self.image_scheduler is None:
             self.image_scheduler = ModelScheduler(self.images, name=f"{self.name}:image", max_batch_size=self.spec.batch_size,
-                                                  max_batch_tokens=self.scheduler.budget.limit, probe=())
+                                                  max_batch_tokens=self.scheduler.budget.limit, probe=(),
+                                                  cpu_threads=self.scheduler.cpu_threads)
 
     def describe(self) -> dict[str, Any]:
         return {

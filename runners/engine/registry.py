@@ -20,6 +20,7 @@ from runners.engine.devices import (
 )
 from runners.engine.health import HEALTH
 from runners.engine.loaded import LoadedModel, load_in_order, phase_line
+from runners.engine.passes import share_cpu_passes
 from runners.errors import BadRequest, ModelNotFound, Overloaded, ServiceError, Timeout, Unavailable
 from runners.lifecycle import process_age_s
 from runners.models.imports import stack_import_seconds
@@ -80,6 +81,7 @@ class EngineRegistry:
                         other.cancel()  # the ones not started yet
                     await self.stop()
                     raise RuntimeError(f"model {spec.name_or_path!r} failed to load: {type(exc).__name__}: {exc}") from exc
+            share_cpu_passes([s for loaded in built for s in loaded.schedulers])
             for spec, loaded in zip(self.settings.models, built):
                 for scheduler in loaded.schedulers:
                     scheduler.start()

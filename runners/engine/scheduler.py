@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from runners import metrics
@@ -45,6 +45,7 @@ from runners.engine.calibration import CostSamples, fitted, timed_passes
 from runners.engine.codec import FeatureCodec
 from runners.engine.devices import process_torch_threads
 from runners.engine.memory import TokenBudget, free_device_memory, is_out_of_memory
+from runners.engine.passes import PassThread, use_torch_threads
 from runners.engine.tokenizing import TokenizerStage
 from runners.errors import ModelError, OutOfMemory, ServiceError, Unavailable
 
@@ -87,7 +88,10 @@ class ModelScheduler(TokenizerStage):
         # CPU torch models: the forward thread's intra-op threads otherwise (process_torch_threads);
         # 0: leave the thread as torch starts it.
         self.cpu_threads = cpu_threads
-        self._threads_now = 0
+        # CPU torch schedulers of a process with two or more: the one thread their passes run on
+        # (runners.engine.passes says why); None: this scheduler's own forward thread.
+        self.passes: PassThread | None = None
+        self._pass_s: float | None = None  # the last pass's own time (a shared thread's wait left out)
         self.name = name
         self.max_batch_size = max_batch_size
         self.budget = TokenBudget(max_batch_tokens)
@@ -206,12 +210,8 @@ class ModelScheduler(TokenizerStage):
     def calibrate_when_idle(self, row: dict[str, Any], length: int, max_tokens: int) -> None:
         """Time the calibration passes (runners.engine.calibration.timed_passes) on `row`, one pass
         each time the batch loop has nothing to do: the model serves at once, with the default cost."""
-        def before_pass(padded: int) -> None:
-            if self.single_thread_tokens:
-                self._set_threads(padded)
-
         self._calibration = timed_passes(self.replica, self.codec, row, length, max_tokens, self.budget.limit,
-                                         before_pass)
+                                         self._set_threads)
 
     @property
     def calibrating(self) -> bool:
@@ -222,7 +222,7 @@ class ModelScheduler(TokenizerStage):
         if not self._calibration_started:
             self._calibration_started = time.perf_counter()
         try:
-            next(self._calibration)
+            self._on_pass_thread(lambda: next(self._calibration))
             return
         except StopIteration as done:
             timed = done.value
@@ -322,10 +322,7 @@ class ModelScheduler(TokenizerStage):
 
     def _forward_loop(self) -> None:
         batch: list[Item] = []
-        self._threads_now = 0  # a new thread: torch starts it on the count last set anywhere
         try:
-            if self.cpu_threads:
-                self._use_threads(self.cpu_threads)
             while True:
                 with self._cond:
                     while not self._stopping and not self._batch_ready():
@@ -356,22 +353,27 @@ class ModelScheduler(TokenizerStage):
             log.exception("model %s: batch loop died", self.name)
             raise
 
-    def _use_threads(self, count: int) -> None:
-        """The forward thread's own intra-op threads (OpenMP's setting is per thread)."""
-        if count != self._threads_now:
-            import torch
-
-            torch.set_num_threads(count)
-            self._threads_now = count
-
     def _set_threads(self, padded: int) -> None:
-        self._use_threads(1 if padded <= self.single_thread_tokens else (self.cpu_threads or process_torch_threads()))
+        """The intra-op threads of a pass of `padded` tokens, on the thread that runs it (a new thread
+        starts on the count last set anywhere: runners.engine.devices.process_torch_threads)."""
+        if self.single_thread_tokens and padded <= self.single_thread_tokens:
+            use_torch_threads(1)
+        elif self.cpu_threads or self.single_thread_tokens:
+            use_torch_threads(self.cpu_threads or process_torch_threads())
+
+    def _on_pass_thread(self, fn: Callable[[], Any]) -> Any:
+        return fn() if self.passes is None else self.passes.run(fn)
 
     def _forward(self, batch: Sequence[Item]) -> Any:
-        if self.single_thread_tokens:
+        def one_pass() -> Any:
+            started = time.perf_counter()
             self._set_threads(padded_tokens(batch))
-        features = self.codec.collate([item.features for item in batch])
-        return self.replica.encode_post(self.replica.encode_core(features))
+            features = self.codec.collate([item.features for item in batch])
+            out = self.replica.encode_post(self.replica.encode_core(features))
+            self._pass_s = time.perf_counter() - started
+            return out
+
+        return self._on_pass_thread(one_pass)
 
     def _run(self, batch: list[Item]) -> None:
         batch = [item for item in batch if not item.request.done]
@@ -379,12 +381,14 @@ class ModelScheduler(TokenizerStage):
             return
         padded = padded_tokens(batch)
         started = time.perf_counter()
+        self._pass_s = None
         try:
             results = self._forward(batch)
         except Exception as exc:  # noqa: BLE001 - any failure of the model is contained to this batch
             self._recover(batch, padded, exc)
             return
-        refit = self.timings.add(len(batch), padded // len(batch), time.perf_counter() - started)
+        seconds = self._pass_s if self._pass_s is not None else time.perf_counter() - started
+        refit = self.timings.add(len(batch), padded // len(batch), seconds)
         if refit is not None:
             self.cost = refit
         self.counters["batches"] += 1
