@@ -520,3 +520,31 @@ def test_cpu_models_of_one_process_run_every_pass_on_one_thread(faulty_model, de
     assert threads == {shared.ident}
     assert all(n == 1 for _, n in seen["tiny"]) and all(n == process_torch_threads() for _, n in seen["minilm"])
     assert len(seen["minilm"]) > 7  # the calibration passes ran there too
+
+
+def test_a_model_passes_a_quarter_of_its_budget_while_another_on_its_pass_thread_is_in_use(faulty_model):
+    """Passes cannot be interrupted: while the other model sharing the pass thread is in use, each pass
+    of this one stays within a quarter of its token budget (its lone query waits for less); alone, full."""
+    from runners.engine.passes import share_cpu_passes
+    from runners.engine.scheduler import INTERACTIVE_RECENT_S, SHARED_SHARE, ModelScheduler
+
+    def make(name: str) -> ModelScheduler:
+        return ModelScheduler(faulty_model.scheduler.replica, name=name, max_batch_size=64, max_batch_tokens=256,
+                              probe=["a", "a b c d e f"], cpu_threads=1)
+
+    texts = [" ".join(["city"] * 8)] * 40
+    for recent, limit in ((True, 256 // SHARED_SHARE), (False, 256)):
+        this, other = make("this"), make("other")
+        assert share_cpu_passes([this, other]) is not None
+        other._last_interactive = time.monotonic() if recent else -INTERACTIVE_RECENT_S
+        shapes: list[int] = []
+        original = this._forward
+
+        def spy(batch, original=original, shapes=shapes):
+            shapes.append(len(batch) * max(item.length for item in batch))
+            return original(batch)
+
+        this._forward = spy
+        (result,) = _run_all(this, [texts])
+        assert len(result[0]) == 40 and all(s <= limit for s in shapes), (recent, shapes)
+        assert recent or max(shapes) > 256 // SHARED_SHARE

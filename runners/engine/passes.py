@@ -7,10 +7,12 @@ GOMP_SPINCOUNT says), so each of the ~150 small parallel regions of a short text
 waits for a futex wake-up. Each model's scheduler has a forward thread of its own; with two CPU torch
 models in one process (an embedder beside a reranker, or a CLIP model's text and image schedulers)
 there were two teams, and each model's lone query took 1.5 x as long (MiniLM twice, 2 cores: 11 to
-17 ms; docs/performance.md, "Two models, one OpenMP team"). The registry hands every CPU torch
+17 ms; docs/performance.md, "Two models in one process"). The registry hands every CPU torch
 scheduler of a process one `PassThread` when there are two or more: their passes run on it one at a
 time (on a CPU they shared the same cores anyway), and the process keeps one team. A lone CPU model
-runs its passes on its own forward thread, with no hand-off.
+runs its passes on its own forward thread, with no hand-off. A pass cannot be interrupted, so while
+another member is in use a scheduler cuts its passes to a quarter of its token budget
+(scheduler.SHARED_SHARE), as bulk work does beside queries.
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class PassThread:
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self.members: list[Any] = []  # the schedulers whose passes run here
+
+    def others_busy(self, scheduler: Any) -> bool:
+        """Whether a member other than `scheduler` has items waiting, a batch on its way, or had a
+        request in the last INTERACTIVE_RECENT_S (read without their locks: a stale answer only sizes one pass)."""
+        return any(m is not scheduler and (m.queued > 0 or m.running or m.served_recently()) for m in self.members)
 
     @property
     def ident(self) -> int | None:
@@ -94,6 +102,7 @@ def share_cpu_passes(schedulers: list[Any]) -> PassThread | None:
     if len(cpu) < 2:
         return None
     shared = PassThread()
+    shared.members = cpu
     for scheduler in cpu:
         scheduler.passes = shared
     return shared

@@ -55,6 +55,8 @@ log = logging.getLogger("embed_rerank.scheduler")
 # BACKGROUND_SHARE of the token budget: a query waits for a quarter of a full pass, not a whole one.
 INTERACTIVE_RECENT_S = 10.0
 BACKGROUND_SHARE = 4
+# A model that shares its pass thread with another that has work waiting passes 1 / SHARED_SHARE of its budget.
+SHARED_SHARE = 4
 
 
 
@@ -207,6 +209,15 @@ class ModelScheduler(TokenizerStage):
     def queued(self) -> int:
         return self._pending
 
+    @property
+    def running(self) -> bool:
+        """A batch is in its pass, or on its way to a shared pass thread."""
+        return bool(self._running)
+
+    def served_recently(self) -> bool:
+        """A request that is not background work came in the last INTERACTIVE_RECENT_S."""
+        return time.monotonic() - self._last_interactive < INTERACTIVE_RECENT_S
+
     def calibrate_when_idle(self, row: dict[str, Any], length: int, max_tokens: int) -> None:
         """Time the calibration passes (runners.engine.calibration.timed_passes) on `row`, one pass
         each time the batch loop has nothing to do: the model serves at once, with the default cost."""
@@ -303,6 +314,10 @@ class ModelScheduler(TokenizerStage):
             # Background work while queries come and go: smaller passes, so a query that arrives during
             # one waits less (a pass cannot be interrupted). Alone, background work gets full passes.
             budget = max(1, budget // BACKGROUND_SHARE)
+        elif self.passes is not None and self.passes.others_busy(self):
+            # Another model's passes wait on the same thread (runners.engine.passes): smaller passes,
+            # so its lone query waits for a fraction of one of ours, as a query does for bulk work.
+            budget = max(1, budget // SHARED_SHARE)
         batch, self._bulk_turn = take_batch(live, self.max_batch_size, budget, self._bulk_turn,
                                             self.cost, self._tick)
         self._pending -= len(batch)
