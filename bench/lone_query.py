@@ -9,8 +9,10 @@ times, in interleaved rounds, one short sentence a time:
 - forward_back_to_back: `encode_core` + `encode_post` of the tokenized text on this thread, in a loop;
 - forward_after_pause:  the same after the caller slept `--pause-ms` (the gap wrk leaves between the
                         answer and its next request): OpenMP's workers and the core went idle;
-- forward_thread:       the same handed to a waiting thread by a queue after the pause (as the scheduler's
-                        forward thread gets it), timed from the hand-off to the result back on the caller;
+- forward_thread:       the same handed to the pass thread after the pause (runners.engine.passes: as two
+                        models' schedulers hand it), timed from the hand-off to the result back on the caller;
+Every pass of this process runs on that one thread (bench.systems.COMPUTE), the engine's too: a second
+OpenMP team would throttle both (runners.engine.passes), as it did in this tool before.
 - engine:               `scheduler.run([text])` on an asyncio loop after the pause: inline tokenization, the
                         hand-off to the forward thread, the pass, the answer back on the loop. Its stages
                         (encode_pre called, tokenized, split and queued, forward thread awake, pass done,
@@ -34,11 +36,9 @@ import argparse
 import asyncio
 import json
 import os
-import queue
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,13 +69,18 @@ def stage_deltas(marks: dict[str, float], t0: float) -> dict[str, float]:
 def measure(rounds: int, runs: int, pause_s: float) -> dict[str, Any]:
     import torch
 
+    from bench.systems import COMPUTE
     from runners.engine.loaded import load_model
     from runners.settings import apply_offline_defaults, load_settings
 
     settings = load_settings()
     apply_offline_defaults(settings)
-    loaded = load_model(settings.models[0], settings)
+    loaded = COMPUTE.run(lambda: load_model(settings.models[0], settings))
     scheduler = loaded.scheduler
+    # Every pass of this process on one thread, the scheduler's too: a second thread's OpenMP team
+    # would throttle both (runners.engine.passes). So `engine` has one hand-off more than the service's
+    # lone model (what `forward_thread` costs over `forward_after_pause`).
+    scheduler.passes = COMPUTE
     replica = scheduler.replica
     feats = [replica.encode_pre([t]) for t in TEXTS]
 
@@ -83,16 +88,12 @@ def measure(rounds: int, runs: int, pause_s: float) -> dict[str, Any]:
         with torch.inference_mode():
             return replica.encode_post(replica.encode_core(feats[i % len(feats)]))
 
-    jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-    answers: queue.SimpleQueue[float] = queue.SimpleQueue()
-
-    def worker() -> None:
-        while (job := jobs.get()) is not None:
-            forward(job)
-            answers.put(time.perf_counter())
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
+    def timed(i: int, pause: float) -> float:
+        if pause:
+            time.sleep(pause)
+        t0 = time.perf_counter()
+        forward(i)
+        return time.perf_counter() - t0
 
     marks: dict[str, float] = {}
     original_tokenize, original_forward = scheduler._tokenize, scheduler._forward
@@ -141,8 +142,7 @@ def measure(rounds: int, runs: int, pause_s: float) -> dict[str, Any]:
 
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     loop.run_until_complete(engine_once("warm up"))
-    for i in range(30):
-        forward(i)
+    COMPUTE.run(lambda: [forward(i) for i in range(30)])
     for values in stages.values():
         values.clear()
     cases: dict[str, list[float]] = {k: [] for k in ("forward_back_to_back", "forward_after_pause", "forward_thread",
@@ -151,28 +151,19 @@ def measure(rounds: int, runs: int, pause_s: float) -> dict[str, Any]:
     engine_all: list[float] = []
     for _ in range(rounds):
         times: dict[str, list[float]] = {k: [] for k in cases}
-        for i in range(runs):
-            t0 = time.perf_counter()
-            forward(i)
-            times["forward_back_to_back"].append(time.perf_counter() - t0)
+        times["forward_back_to_back"] = COMPUTE.run(lambda: [timed(i, 0.0) for i in range(runs)])
+        times["forward_after_pause"] = COMPUTE.run(lambda: [timed(i, pause_s) for i in range(runs)])
         for i in range(runs):
             time.sleep(pause_s)
             t0 = time.perf_counter()
-            forward(i)
-            times["forward_after_pause"].append(time.perf_counter() - t0)
-        for i in range(runs):
-            time.sleep(pause_s)
-            t0 = time.perf_counter()
-            jobs.put(i)
-            times["forward_thread"].append(answers.get() - t0)
+            COMPUTE.run(lambda i=i: forward(i))
+            times["forward_thread"].append(time.perf_counter() - t0)
         for i in range(runs):
             time.sleep(pause_s)
             times["engine"].append(loop.run_until_complete(engine_once(TEXTS[i % len(TEXTS)])))
         for key, values in times.items():
             per_round[key].append(median_ms(values))
         engine_all.extend(times["engine"])
-    jobs.put(None)
-    thread.join()
     scheduler.stop()
     loop.close()
     return {

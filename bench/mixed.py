@@ -40,7 +40,7 @@ from bench import vllm_peer  # noqa: E402
 from bench import wrk as wrk_tool  # noqa: E402
 from bench.baselines import machine, served_model  # noqa: E402
 from bench.load import ratio  # noqa: E402
-from bench.systems import infinity_server_missing  # noqa: E402
+from bench.systems import COMPUTE, infinity_server_missing  # noqa: E402
 from load_tests.processes import ServerProcess, process_env  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -142,7 +142,7 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
         targets.append("service_before")
     servers = {name: start(name, path, args.logs, args.before, getattr(args, "vllm_python", None))
                for name in targets}
-    st_model = SentenceTransformer(path, device="cpu")
+    st_model = COMPUTE.run(lambda: SentenceTransformer(path, device="cpu"))
     bulk = bulk_texts(st_model.tokenizer)
     folder = args.scratch / "mixed"
     raw: dict[str, dict[str, list[float]]] = {name: {} for name in [*targets, "reference"]}
@@ -173,10 +173,12 @@ async def mixed_part(args: argparse.Namespace, wrk: wrk_tool.Wrk) -> dict[str, A
                 await asyncio.sleep(1.0)  # the batches of wrk's last requests still run after it stops
                 raw[name].setdefault("bulk", []).append(
                     await asyncio.to_thread(bulk_http, servers[name].url, route(name), model, bulk))
-            ref = await asyncio.to_thread(reference, st_model, requests, 2 * args.connections, args.mixed_seconds)
+            ref = await asyncio.to_thread(COMPUTE.run, lambda: reference(st_model, requests, 2 * args.connections,
+                                                                         args.mixed_seconds))
             for key, value in ref.items():
                 raw["reference"].setdefault(key, []).append(value)
-            raw["reference"].setdefault("bulk_batch_8", []).append(await asyncio.to_thread(bulk_reference, st_model, bulk))
+            bulk_ref = await asyncio.to_thread(COMPUTE.run, lambda: bulk_reference(st_model, bulk))
+            raw["reference"].setdefault("bulk_batch_8", []).append(bulk_ref)
     finally:
         if "vllm" in servers:
             result["vllm_threads"] = vllm_peer.thread_layout(servers["vllm"].log())

@@ -91,6 +91,7 @@ from bench.mixed import mixed_part  # noqa: E402
 from bench.report import count_errors, plot, tables  # noqa: E402
 from bench.sweep import sweep_report, sweep_rounds, wrk_sweep  # noqa: E402
 from bench.systems import (  # noqa: E402
+    COMPUTE,
     EngineTarget,
     HttpTarget,
     infinity_server_missing,
@@ -195,22 +196,23 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         if sweep:
             print("matrix-multiply throughput …", flush=True)
-            result["matmul"] = matmul_gflops(args.device, args.matmul_n, args.matmul_repeats, 3)
+            result["matmul"] = COMPUTE.run(lambda: matmul_gflops(args.device, args.matmul_n, args.matmul_repeats, 3))
             print(f"  {result['matmul']['gflops_best']:.0f} GFLOP/s ({result['matmul']['dtype']})", flush=True)
 
         if sweep or forward_on:
             kwargs = {"model_kwargs": {"torch_dtype": torch.float16}} if args.device.startswith("cuda") else {}
-            st_model = SentenceTransformer(path, device=args.device, **kwargs)
-            result["model"] = model_facts(st_model, sentences, corpus)
+            st_model = COMPUTE.run(lambda: SentenceTransformer(path, device=args.device, **kwargs))
+            result["model"] = COMPUTE.run(lambda: model_facts(st_model, sentences, corpus))
             if sweep:
                 print("sentence-transformers baseline …", flush=True)
                 pools = {"sentences": sentences} if args.quick else {"sentences": sentences, "corpus": corpus}
-                result["st_baseline"] = st_baseline(st_model, pools, args.rounds, args.st_seconds)
+                result["st_baseline"] = COMPUTE.run(lambda: st_baseline(st_model, pools, args.rounds, args.st_seconds))
                 for name, row in result["st_baseline"].items():
                     print(f"  {name}: {row['texts_per_s']['median']:.0f} texts/s", flush=True)
             if forward_on:
                 print("raw forward pass of one text …", flush=True)
-                result["forward"] = {"raw": raw_forward(st_model, sentences, args.device, args.forward_runs)}
+                result["forward"] = {"raw": COMPUTE.run(lambda: raw_forward(st_model, sentences, args.device,
+                                                                             args.forward_runs))}
                 print(f"  forward {result['forward']['raw']['forward_ms']:.2f} ms, "
                       f"tokenize {result['forward']['raw']['tokenize_ms']:.2f} ms", flush=True)
             if not forward_on:
@@ -249,7 +251,8 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                     args, load_client, LoadTarget("service", service_url, "/v1/embeddings", served_name,
                                                   pids.get("service")), sentences,
                     ran_sweep_at_1=sweep and 1 in args.concurrency,
-                    raw_round=lambda: raw_forward(st_model, sentences, args.device, max(50, args.forward_runs // 2)))
+                    raw_round=lambda: COMPUTE.run(lambda: raw_forward(st_model, sentences, args.device,
+                                                                      max(50, args.forward_runs // 2))))
             except asyncio.CancelledError:
                 interrupted.append("forward")
 

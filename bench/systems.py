@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from load_tests.processes import ServerProcess, process_env
+from runners.engine.passes import PassThread
+
+# Every torch computation of a benchmark process runs on this one thread: the in-process engine's
+# passes, its model load, sentence-transformers' baselines and the raw forward pass. libgomp gives each
+# thread that computes an OpenMP team of its own, and two teams on these 2 cores throttle every worker
+# (runners.engine.passes): the in-process references measured 1.3-2 x slow while another existed.
+COMPUTE = PassThread("bench-compute")
 
 Send = Callable[[str], Awaitable[bool]]
 
@@ -100,8 +107,9 @@ class EngineTarget:
 
         settings = load_settings()
         t0 = time.perf_counter()
-        self.loaded = await asyncio.to_thread(load_model, settings.models[0], settings)
+        self.loaded = await asyncio.to_thread(COMPUTE.run, lambda: load_model(settings.models[0], settings))
         if hasattr(self.loaded, "scheduler"):  # the service's own batch loop around infinity's replica
+            self.loaded.scheduler.passes = COMPUTE
             self.loaded.scheduler.start()
         else:  # before the scheduler: infinity's AsyncEmbeddingEngine
             await self.loaded.engine.astart()
