@@ -13,9 +13,17 @@ from typing import Any
 
 from runners.engine.batching import DEFAULT_COST, DEFAULT_GPU_COST
 from runners.engine.calibration import probe_row
-from runners.engine.devices import default_batch_tokens, on_gpu, process_torch_threads, single_thread_tokens, torch_on_cpu
+from runners.engine.devices import (
+    default_batch_tokens,
+    on_gpu,
+    process_torch_threads,
+    single_thread_tokens,
+    torch_module,
+    torch_on_cpu,
+)
 from runners.engine.scheduler import ModelScheduler
 from runners.models.card import ModelCard
+from runners.models.lean_bert import install_all as install_lean_bert
 from runners.models.load import load_card
 from runners.settings import ModelSpec, Settings
 from runners.vocabulary import DENSE, EMBED, IMAGE_EMBED, TOKENS
@@ -110,6 +118,8 @@ def load_model(spec: ModelSpec, settings: Settings) -> LoadedModel:
     """Load one model and build its scheduler (blocking: run it in a thread); not started yet."""
     card = load_card(spec, settings)
     replica = card.replica
+    if torch_on_cpu(replica, settings):
+        install_lean_bert(torch_module(replica))
     probe = [(t, t) for t in _PROBE_TEXTS] if card.pairs else _PROBE_TEXTS
     scheduler = ModelScheduler(
         replica, name=spec.served_name, max_batch_size=spec.batch_size,
