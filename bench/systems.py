@@ -22,6 +22,7 @@ from runners.engine.passes import PassThread
 # passes, its model load, sentence-transformers' baselines and the raw forward pass. libgomp gives each
 # thread that computes an OpenMP team of its own, and two teams on these 2 cores throttle every worker
 # (runners.engine.passes): the in-process references measured 1.3-2 x slow while another existed.
+# The in-process engine's passes pay one hand-off to it that the service's lone model does not.
 COMPUTE = PassThread("bench-compute")
 
 Send = Callable[[str], Awaitable[bool]]

@@ -1,6 +1,6 @@
 """A leaner forward pass for BERT encoders on a CPU: the same arithmetic in fewer operations.
 
-A short text's pass through all-MiniLM-L6-v2 on 2 cores is mostly not arithmetic: transformers'
+A short text's pass through all-MiniLM-L6-v2 on 2 cores is not all arithmetic: transformers'
 BertModel spends ~20 % of it in Python and in operations around the matrix products (three
 projections where one fused product does, attention-mask construction, the attention interface's
 dispatch, a pooler whose output a sentence-transformers model throws away). This forward runs each
