@@ -62,6 +62,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -189,8 +190,17 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             await engine.start()
             targets.append(engine)
             startup["engine_load_s"] = round(engine.load_s, 2)
-        for name, server in servers.items():
-            startup[f"{name}_ready_s"] = round(await asyncio.to_thread(server.wait_ready), 2)
+        for name, server in list(servers.items()):
+            try:
+                startup[f"{name}_ready_s"] = round(await asyncio.to_thread(server.wait_ready), 2)
+            except RuntimeError as exc:
+                if name not in ("infinity_server", "vllm"):
+                    raise
+                why = f"it did not start ({start_failure(str(exc))})"  # a peer: the run goes on without it
+                print(f"{name} skipped: {why}", flush=True)
+                skipped[name] = why
+                server.stop()
+                del servers[name]
         result["startup_s"] = startup
         print(f"started: {startup}", flush=True)
 
@@ -354,6 +364,13 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - t_total, 1)
     return result
+
+
+def start_failure(message: str) -> str:
+    """The last `SomethingError: ...` line of a server's log tail, or its last line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return (errors or lines or ["no log"])[-1][:300]
 
 
 def versions_of_systems(vllm_python: Path | None) -> dict[str, dict[str, str]]:

@@ -187,4 +187,11 @@ def infinity_server_missing() -> str | None:
     absent = [name for name in needed if importlib.util.find_spec(name) is None]
     if absent:
         return f"missing {', '.join(absent)} (pip install prometheus-fastapi-instrumentator orjson)"
+    import transformers
+    from transformers import PreTrainedTokenizerBase
+
+    if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
+        # infinity-emb 0.0.78's own replicas tokenize with it at start (this service replaces that code)
+        return (f"infinity-emb's own server calls tokenizer.batch_encode_plus, which transformers "
+                f"{transformers.__version__} no longer has (it exits at start)")
     return None

@@ -413,3 +413,20 @@ def test_lone_query_stages_and_thread_cpu() -> None:
     assert os.getpid() in own and all(v >= 0 for v in own.values())
     rows = lone_query.per_request_ms({1: 1.0, 2: 0.0, 3: 0.0}, {1: 1.1, 2: 0.5, 3: 0.2, 4: 0.00001}, 10, main=1)
     assert rows == {"event loop (main thread)": 10.0, "thread 1": 50.0, "thread 2": 20.0, "total": 80.0}
+
+
+def test_a_peer_that_cannot_start_is_skipped_with_its_reason():
+    """infinity-emb 0.0.78's own server exits at start under transformers 5 (its replicas call
+    tokenizer.batch_encode_plus): make bench says so and goes on, as for vLLM."""
+    from transformers import PreTrainedTokenizerBase
+
+    from bench.run import start_failure
+    from bench.systems import infinity_server_missing
+
+    tail = "Traceback\n  File x\nAttributeError: BertTokenizer has no attribute batch_encode_plus\n\nERROR: startup failed."
+    assert start_failure(tail) == "AttributeError: BertTokenizer has no attribute batch_encode_plus"
+    assert start_failure("just a line\n") == "just a line"
+    why = infinity_server_missing()
+    if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
+        # without the bench extra the missing packages are named first
+        assert why is not None and ("batch_encode_plus" in why or why.startswith("missing"))
