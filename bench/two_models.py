@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ def point(wrk: wrk_tool.Wrk, url: str, folder: Path, seconds: float, connections
         argv = [wrk.path, "-t", "1", "-c", str(c), "-d", f"{round(seconds)}s", "--timeout", "10s", "-s",
                 str(script), url + path, "--", str(body_file)]
         procs[kind] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       env={**__import__("os").environ, **wrk.env})
+                                       env={**os.environ, **wrk.env})
     out = {}
     for kind, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=seconds + 60)
