@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import LoadClient, LoadTarget, fmt, ratio, summarize_points
-from bench.systems import HttpTarget, infinity_server_missing
+from bench.systems import COMPUTE, HttpTarget, infinity_server_missing
 from load_tests.processes import ServerProcess, process_env
 
 ZERO_COST_SERVED = "zero-cost"
@@ -99,7 +99,7 @@ async def zero_cost_part(args: argparse.Namespace, client: LoadClient, source: P
                          sentences: list[str]) -> dict[str, Any]:
     from bench.gpu_model import ZERO_COST_CONFIG, build_zero_cost
 
-    folder = await asyncio.to_thread(build_zero_cost, source, args.scratch / "zero-cost-model")
+    folder = await asyncio.to_thread(COMPUTE.run, lambda: build_zero_cost(source, args.scratch / "zero-cost-model"))
     high, low = args.zero_cost_connections, 1
     out: dict[str, Any] = {
         "model": {"path": str(folder), "config": ZERO_COST_CONFIG, "tokenizer_from": str(source),
