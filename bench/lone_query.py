@@ -11,13 +11,13 @@ times, in interleaved rounds, one short sentence a time:
                         answer and its next request): OpenMP's workers and the core went idle;
 - forward_thread:       the same handed to the pass thread after the pause (runners.engine.passes: as two
                         models' schedulers hand it), timed from the hand-off to the result back on the caller;
-Every pass of this process runs on that one thread (bench.systems.COMPUTE), the engine's too: a second
-OpenMP team would throttle both (runners.engine.passes), as it did in this tool before.
 - engine:               `scheduler.run([text])` on an asyncio loop after the pause: inline tokenization, the
                         hand-off to the forward thread, the pass, the answer back on the loop. Its stages
                         (encode_pre called, tokenized, split and queued, forward thread awake, pass done,
                         post-processing done, loop awake) are
                         timed by wrapping the scheduler's own methods in this process (no change to them).
+Every pass of this process runs on that one thread (bench.systems.COMPUTE), the engine's too: a second
+OpenMP team would throttle both (runners.engine.passes), as it did in this tool before.
 Each GOMP_SPINCOUNT runs in a process of its own (libgomp reads it once, at start); the service sets
 10000 (runners.api.process), libgomp's default is 300000. The HTTP part of the gap is the service's
 one-connection p50 by wrk minus `engine` (bench.run's forward part measures that p50).
