@@ -53,18 +53,20 @@ def build_reranker(minilm: str, folder: Path) -> str:
 
 
 def bodies(kind: str, n: int = 2000) -> list[dict[str, Any]]:
-    rng = random.Random(hash(kind) & 0xFFFF)
+    rng = random.Random({"embed": 1, "rerank": 2}[kind])
     if kind == "embed":
         return [{"model": "embedder", "input": sentence(rng)} for _ in range(n)]
     return [{"model": "reranker", "query": sentence(rng, 4, 8), "documents": [sentence(rng) for _ in range(8)]}
             for _ in range(n)]
 
 
-def point(wrk: wrk_tool.Wrk, url: str, folder: Path, seconds: float, connections: dict[str, int]) -> dict[str, Any]:
-    """wrk on each route of `connections` at once; req/s, p50 and texts/s per route."""
+def point(wrk: wrk_tool.Wrk, url: str, inputs: dict[str, tuple[Path, Path]], seconds: float,
+          connections: dict[str, int]) -> dict[str, Any]:
+    """wrk on each route of `connections` at once (`inputs`: each route's Lua script and bodies file);
+    req/s, p50 and texts/s per route."""
     procs = {}
     for kind, c in connections.items():
-        script, body_file = wrk_tool.write_inputs(folder, kind, bodies(kind))
+        script, body_file = inputs[kind]
         path = "/v1/embeddings" if kind == "embed" else "/rerank"
         argv = [wrk.path, "-t", "1", "-c", str(c), "-d", f"{round(seconds)}s", "--timeout", "10s", "-s",
                 str(script), url + path, "--", str(body_file)]
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.before is not None:
         systems["service_before"] = (two | {"PYTHONPATH": str(args.before)}, args.before)
+    inputs = {kind: wrk_tool.write_inputs(scratch / "wrk", kind, bodies(kind)) for kind in ("embed", "rerank")}
     servers = {}
     try:
         for name, (env, cwd) in systems.items():
@@ -118,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             server.wait_ready()
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {name: {p: [] for p in POINTS} for name in servers}
         for name, server in servers.items():  # warm both models
-            point(wrk, server.url, scratch / "wrk", 2, {"embed": 4} | ({} if name == "service_one_model" else {"rerank": 4}))
+            point(wrk, server.url, inputs, 2, {"embed": 4} | ({} if name == "service_one_model" else {"rerank": 4}))
         for r in range(args.rounds):
             for p, connections in POINTS.items():
                 for name, server in servers.items():
                     if name == "service_one_model" and p not in ONE_MODEL_POINTS:
                         continue
-                    got = point(wrk, server.url, scratch / "wrk", args.seconds, connections)
+                    got = point(wrk, server.url, inputs, args.seconds, connections)
                     raw[name][p].append(got)
                     print(f"  round {r + 1} {p:<9} {name:<18} " + "  ".join(
                         f"{k}: {v['requests_per_s']:.1f} req/s p50 {v['p50_ms']:.2f} ms" for k, v in got.items()),
